@@ -1,0 +1,109 @@
+"""Configuration of Variator compression plugins."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import Optional, Union
+
+from peft.config import PeftConfig
+
+from .registration import VARIATOR
+
+
+@dataclass
+class VariatorConfig(PeftConfig):
+    """Configuration of a [`VariatorModel`]: one compression plugin per transformer layer's FFN.
+
+    Before each targeted feed-forward network (FFN) the plugin compresses every `ratio` consecutive hidden vectors into
+    one (a learned softmax-weighted sum), so the FFN runs on N/ratio vectors; after the FFN it repeats each output
+    `ratio` times and adds a small bottleneck adapter that also reads the token's own FFN input (Xiao et al., 2023,
+    arXiv 2310.15724).
+
+    Args:
+        ratio (`int`): How many consecutive tokens are compressed into one vector. At least 2.
+        adapter_dim (`int`): Bottleneck width of the decompression adapter. At least 1.
+        target_modules (`list[str]` or `str`, *optional*): Whole FFN modules to compress (hidden -> intermediate ->
+            hidden). A string is matched as a regex against full module names, a list by exact name or name suffix.
+            When `None`, the FFNs are taken from the architecture table for the model's `model_type`, or found by
+            structure for other architectures.
+        layers_to_transform (`int` or `list[int]`, *optional*): Only compress the FFNs of these layer indices.
+        layers_pattern (`str` or `list[str]`, *optional*): Name of the module list holding the layers (e.g.
+            `"layers"`, `"h"`), used to read the layer index when `layers_to_transform` is set.
+        modules_to_save (`list[str]`, *optional*): Modules apart from the plugins that are trained and saved with
+            the adapter, e.g. a classification head.
+    """
+
+    ratio: int = field(
+        default=4,
+        metadata={"help": "Number of consecutive tokens compressed into one vector before the FFN (an integer >= 2)."},
+    )
+    adapter_dim: int = field(
+        default=64,
+        metadata={"help": "Bottleneck width of the decompression adapter (an integer >= 1)."},
+    )
+    target_modules: Optional[Union[list[str], str]] = field(
+        default=None,
+        metadata={
+            "help": (
+                "Whole FFN modules to compress (hidden -> intermediate -> hidden), as a list of names or name "
+                "suffixes, or a regex matched against full module names. Leave unset to use the defaults for the "
+                "model type, or the FFNs found by structure for other architectures."
+            )
+        },
+    )
+    layers_to_transform: Optional[Union[list[int], int]] = field(
+        default=None,
+        metadata={"help": "Only compress the FFNs of these layer indices (an int or a list of ints)."},
+    )
+    layers_pattern: Optional[Union[list[str], str]] = field(
+        default=None,
+        metadata={
+            "help": "Name of the module list that holds the layers, used with `layers_to_transform` "
+            "(e.g. 'layers', 'h', 'block'). Unset: the first numbered module in a name is the layer index."
+        },
+    )
+    modules_to_save: Optional[list[str]] = field(
+        default=None,
+        metadata={
+            "help": "Modules apart from the plugins to train and save with the adapter, e.g. ['classifier'] for a "
+            "classification head."
+        },
+    )
+
+    def __post_init__(self) -> None:
+        super().__post_init__()
+        self.peft_type = VARIATOR
+        self.ratio = _positive_int("ratio", self.ratio, minimum=2)
+        self.adapter_dim = _positive_int("adapter_dim", self.adapter_dim, minimum=1)
+        if isinstance(self.target_modules, (list, tuple, set)):
+            self.target_modules = list(self.target_modules)
+            if not self.target_modules or not all(isinstance(name, str) and name for name in self.target_modules):
+                raise ValueError(
+                    f"`target_modules` must be a regex string or a non-empty list of module names, "
+                    f"got {self.target_modules!r}."
+                )
+        elif self.target_modules is not None and not isinstance(self.target_modules, str):
+            raise ValueError(
+                f"`target_modules` must be None, a regex string or a list of module names, got {self.target_modules!r}."
+            )
+        if self.layers_to_transform is not None:
+            indices = (
+                [self.layers_to_transform] if isinstance(self.layers_to_transform, int) else self.layers_to_transform
+            )
+            if not all(isinstance(i, int) and not isinstance(i, bool) and i >= 0 for i in indices):
+                raise ValueError(
+                    f"`layers_to_transform` must be a non-negative int or a list of them, got {self.layers_to_transform!r}."
+                )
+            if isinstance(self.layers_to_transform, (tuple, set)):
+                self.layers_to_transform = sorted(self.layers_to_transform)
+        if self.layers_pattern is not None and self.layers_to_transform is None:
+            raise ValueError("`layers_pattern` only has an effect together with `layers_to_transform`; set both.")
+
+
+def _positive_int(name: str, value: object, minimum: int) -> int:
+    # Accept 4.0 (e.g. from a JSON or CLI round-trip) but never 2.5: a ratio is a group size.
+    if isinstance(value, bool) or not isinstance(value, (int, float)) or int(value) != value:
+        raise ValueError(f"`{name}` must be an integer >= {minimum}, got {value!r}.")
+    if value < minimum:
+        raise ValueError(f"`{name}` must be an integer >= {minimum}, got {value!r}.")
+    return int(value)

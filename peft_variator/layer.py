@@ -1,0 +1,200 @@
+"""Tuner layers that put a Variator plugin around a feed-forward network (FFN).
+
+Most architectures have their FFN in one module (`mlp`, `ffn`, `DenseReluDense`): `VariatorFFN` wraps it whole.
+BERT-style encoders split it: `intermediate` (hidden -> intermediate) and `output.dense` (intermediate -> hidden,
+followed inside `output` by dropout, the residual and LayerNorm). There `VariatorFFNInput` compresses before the
+first half and `VariatorFFNOutput` decompresses after the second, so the residual and norm stay the base model's.
+The two halves pass the group layout and the uncompressed FFN input through a `SplitFFNState` that both hold as a
+plain attribute, never as a submodule, so PEFT saves each plugin weight exactly once.
+"""
+
+from __future__ import annotations
+
+from typing import Any, Optional
+
+import torch
+from peft.tuners.tuners_utils import BaseTunerLayer
+from torch import nn
+
+from .architectures import linear_shapes
+from .config import VariatorConfig
+from .padding import PaddingContext
+from .plugin import DecompressionAdapter, GroupLayout, compress, decompress, init_score
+
+
+class VariatorLayer(nn.Module, BaseTunerLayer):
+    """Common part of the Variator tuner layers: per-adapter ratios, the active plugin, no merging."""
+
+    other_param_names = ("ratio",)
+
+    def __init__(self, base_layer: nn.Module, padding: PaddingContext, hidden_size: int) -> None:
+        super().__init__()
+        self.base_layer = base_layer
+        self.padding = padding
+        self.hidden_size = hidden_size
+        self.ratio: dict[str, int] = {}
+        self._disable_adapters = False
+        self.merged_adapters = []
+
+    def update_layer(self, adapter_name: str, config: VariatorConfig) -> None:
+        self.ratio[adapter_name] = config.ratio
+        self._add_plugin(adapter_name, config)
+        self._move_adapter_to_device_of_base_layer(adapter_name)
+        self.set_adapter(self.active_adapters, inference_mode=config.inference_mode)
+
+    def _add_plugin(self, adapter_name: str, config: VariatorConfig) -> None:
+        raise NotImplementedError
+
+    def active_plugin(self) -> Optional[str]:
+        """Name of the adapter whose plugin runs, or None when the layer runs as the base model."""
+        if self.disable_adapters:
+            return None
+        active = [name for name in self.active_adapters if name in self.ratio]
+        if len(active) > 1:
+            raise ValueError(
+                f"Variator runs exactly one adapter at a time, but {active} are active. "
+                "Call `set_adapter` with a single adapter name."
+            )
+        return active[0] if active else None
+
+    def merge(self, safe_merge: bool = False, adapter_names: Optional[list[str]] = None) -> None:
+        raise ValueError(
+            "A Variator plugin changes the sequence length inside the FFN and cannot be merged into weights. "
+            "Use `unload()` to get the base model back, or keep the adapter and switch with `set_adapter`."
+        )
+
+    def unmerge(self) -> None:
+        pass
+
+    def _layout(self, hidden: torch.Tensor, adapter_name: str) -> Optional[GroupLayout]:
+        """The group layout for `hidden` (B, N, H), or None when nothing is compressed (a single token per row,
+        as in every cached decoding step)."""
+        batch, seq_len = hidden.shape[:2]
+        if seq_len == 1:
+            return None
+        return self.padding.layout(batch, seq_len, self.ratio[adapter_name])
+
+    def __repr__(self) -> str:
+        return "variator." + super().__repr__()
+
+
+class VariatorFFN(VariatorLayer):
+    """Wraps a whole FFN: compress -> FFN on N/k vectors -> decompress."""
+
+    adapter_layer_names = ("variator_score", "variator_adapter")
+
+    def __init__(
+        self, base_layer: nn.Module, adapter_name: str, config: VariatorConfig, padding: PaddingContext
+    ) -> None:
+        shapes = linear_shapes(base_layer)
+        hidden_size = shapes[0][0] if shapes else None
+        if hidden_size is None or shapes[-1][1] != hidden_size:
+            raise ValueError(
+                f"Variator needs each target module to be a whole FFN (hidden -> intermediate -> hidden), but "
+                f"{type(base_layer).__name__} has linear layers {shapes}. Pass the module that contains the whole "
+                "FFN in `target_modules`."
+            )
+        super().__init__(base_layer, padding, hidden_size)
+        self.variator_score = nn.ModuleDict()
+        self.variator_adapter = nn.ModuleDict()
+        self._active_adapter = adapter_name
+        self.update_layer(adapter_name, config)
+
+    def _add_plugin(self, adapter_name: str, config: VariatorConfig) -> None:
+        self.variator_score[adapter_name] = init_score(config.ratio, self.hidden_size)
+        self.variator_adapter[adapter_name] = DecompressionAdapter(self.hidden_size, config.adapter_dim)
+
+    def forward(self, hidden: torch.Tensor, *args: Any, **kwargs: Any) -> torch.Tensor:
+        adapter_name = self.active_plugin()
+        layout = None if adapter_name is None else self._layout(hidden, adapter_name)
+        if layout is None:
+            return self.base_layer(hidden, *args, **kwargs)
+        compressed = compress(hidden, layout, self.variator_score[adapter_name])
+        ffn_output = self.base_layer(compressed, *args, **kwargs)
+        return decompress(ffn_output, hidden, layout, self.variator_adapter[adapter_name])
+
+
+class SplitFFNState:
+    """What the input half of a split FFN hands to its output half within one forward pass."""
+
+    def __init__(self) -> None:
+        self.layout: Optional[GroupLayout] = None
+        self.tokens: Optional[torch.Tensor] = None
+
+    def put(self, layout: Optional[GroupLayout], tokens: Optional[torch.Tensor]) -> None:
+        self.layout, self.tokens = layout, tokens
+
+    def take(self) -> tuple[Optional[GroupLayout], Optional[torch.Tensor]]:
+        # Dropped after use so no activations are kept alive between forward passes.
+        layout, tokens = self.layout, self.tokens
+        self.layout = self.tokens = None
+        return layout, tokens
+
+
+class VariatorFFNInput(VariatorLayer):
+    """Wraps the first half of a split FFN (hidden -> intermediate): compresses its input."""
+
+    adapter_layer_names = ("variator_score",)
+
+    def __init__(
+        self,
+        base_layer: nn.Module,
+        adapter_name: str,
+        config: VariatorConfig,
+        padding: PaddingContext,
+        state: SplitFFNState,
+    ) -> None:
+        shapes = linear_shapes(base_layer)
+        if not shapes:
+            raise ValueError(f"{type(base_layer).__name__} has no linear layer to read the hidden size from.")
+        super().__init__(base_layer, padding, shapes[0][0])
+        self.state = state
+        self.variator_score = nn.ModuleDict()
+        self._active_adapter = adapter_name
+        self.update_layer(adapter_name, config)
+
+    def _add_plugin(self, adapter_name: str, config: VariatorConfig) -> None:
+        self.variator_score[adapter_name] = init_score(config.ratio, self.hidden_size)
+
+    def forward(self, hidden: torch.Tensor, *args: Any, **kwargs: Any) -> torch.Tensor:
+        adapter_name = self.active_plugin()
+        layout = None if adapter_name is None else self._layout(hidden, adapter_name)
+        if layout is None:
+            self.state.put(None, None)
+            return self.base_layer(hidden, *args, **kwargs)
+        self.state.put(layout, hidden)
+        return self.base_layer(compress(hidden, layout, self.variator_score[adapter_name]), *args, **kwargs)
+
+
+class VariatorFFNOutput(VariatorLayer):
+    """Wraps the second half of a split FFN (intermediate -> hidden): decompresses its output."""
+
+    adapter_layer_names = ("variator_adapter",)
+
+    def __init__(
+        self,
+        base_layer: nn.Module,
+        adapter_name: str,
+        config: VariatorConfig,
+        padding: PaddingContext,
+        state: SplitFFNState,
+    ) -> None:
+        shapes = linear_shapes(base_layer)
+        if not shapes:
+            raise ValueError(f"{type(base_layer).__name__} has no linear layer to read the hidden size from.")
+        super().__init__(base_layer, padding, shapes[-1][1])
+        self.state = state
+        self.variator_adapter = nn.ModuleDict()
+        self._active_adapter = adapter_name
+        self.update_layer(adapter_name, config)
+
+    def _add_plugin(self, adapter_name: str, config: VariatorConfig) -> None:
+        self.variator_adapter[adapter_name] = DecompressionAdapter(self.hidden_size, config.adapter_dim)
+
+    def forward(self, intermediate: torch.Tensor, *args: Any, **kwargs: Any) -> torch.Tensor:
+        ffn_output = self.base_layer(intermediate, *args, **kwargs)
+        layout, tokens = self.state.take()
+        adapter_name = self.active_plugin()
+        if layout is None or adapter_name is None:
+            return ffn_output
+        return decompress(ffn_output, tokens, layout, self.variator_adapter[adapter_name])

@@ -1,0 +1,165 @@
+"""`VariatorModel`: the PEFT tuner that decides where Variator plugins go."""
+
+from __future__ import annotations
+
+import re
+from typing import Optional
+
+from peft.tuners.tuners_utils import BaseTuner, check_target_module_exists
+from torch import nn
+
+from .architectures import FFN_LOCATIONS, FFNLocation, find_ffns, hidden_size_of
+from .config import VariatorConfig
+from .layer import SplitFFNState, VariatorFFN, VariatorFFNInput, VariatorFFNOutput, VariatorLayer
+from .padding import detach_padding_context, padding_context
+from .registration import PREFIX
+
+_MERGE_ERROR = (
+    "Variator compresses the sequence inside each FFN; that cannot be folded into weights, so "
+    "`merge_and_unload()` / `merge_adapter()` are not available. Use `unload()` to get the untouched base model "
+    "back, or keep the plugins and pick one with `set_adapter` (or none with `disable_adapter()`)."
+)
+
+
+class VariatorModel(BaseTuner):
+    """Attaches Variator compression plugins to the FFNs of a transformer (Xiao et al., 2023, arXiv 2310.15724).
+
+    Used through PEFT: `get_peft_model(model, VariatorConfig(ratio=4))`. Several adapters (e.g. one per ratio) can be
+    loaded; exactly one runs at a time, and `set_adapter` switches between them without copying weights.
+
+    Example:
+
+        ```py
+        >>> import peft_variator
+        >>> from peft import get_peft_model
+        >>> model = get_peft_model(base_model, peft_variator.VariatorConfig(ratio=4))
+        >>> model.add_adapter("ratio8", peft_variator.VariatorConfig(ratio=8))
+        >>> model.set_adapter("ratio8")
+        ```
+    """
+
+    prefix: str = PREFIX
+    tuner_layer_cls = VariatorLayer
+    target_module_mapping = {model_type: location.target_modules() for model_type, location in FFN_LOCATIONS.items()}
+
+    def _prepare_adapter_config(self, peft_config: VariatorConfig, model_config: dict) -> VariatorConfig:
+        if peft_config.target_modules is None:
+            location = FFN_LOCATIONS.get(model_config.get("model_type"))
+            if location is not None:
+                peft_config.target_modules = location.target_modules()
+        return peft_config
+
+    def _prepare_model(self, peft_config: VariatorConfig, model: nn.Module) -> None:
+        if peft_config.target_modules is None:
+            hidden_size = hidden_size_of(self.get_model_config(model))
+            found = []
+            if hidden_size is not None:
+                is_encoder_decoder = getattr(getattr(model, "config", None), "is_encoder_decoder", False)
+                found = find_ffns(model, hidden_size, within=model.get_encoder() if is_encoder_decoder else None)
+            if not found:
+                raise ValueError(
+                    f"Variator found no FFN (a block mapping hidden -> intermediate -> hidden) in "
+                    f"{type(model).__name__}. Pass the FFN modules explicitly, e.g. "
+                    "`VariatorConfig(target_modules=['mlp'])`."
+                )
+            peft_config.target_modules = found
+        padding_context(model)
+
+    @staticmethod
+    def _check_target_module_exists(peft_config: VariatorConfig, key: str):
+        found = check_target_module_exists(peft_config, key)
+        # PEFT applies `layers_to_transform` to lists of names only; Variator's defaults are regexes, so apply it
+        # here too instead of silently ignoring it.
+        if found and isinstance(peft_config.target_modules, str) and peft_config.layers_to_transform is not None:
+            found = _layer_index(key, peft_config.layers_pattern) in _as_list(peft_config.layers_to_transform)
+        return found
+
+    def _create_and_replace(
+        self,
+        peft_config: VariatorConfig,
+        adapter_name: str,
+        target: nn.Module,
+        target_name: str,
+        parent: nn.Module,
+        current_key: str,
+        **kwargs,
+    ) -> None:
+        if isinstance(target, VariatorLayer):
+            target.update_layer(adapter_name, peft_config)
+            return
+        padding = padding_context(self.model)
+        location = self._ffn_location(peft_config)
+        role = location.role(current_key) if location is not None else "ffn"
+        if role == "ffn":
+            new_module = VariatorFFN(target, adapter_name, peft_config, padding)
+        elif role == "input":
+            new_module = VariatorFFNInput(target, adapter_name, peft_config, padding, SplitFFNState())
+        else:
+            partner = self.model.get_submodule(location.partner(current_key))
+            if not isinstance(partner, VariatorFFNInput):
+                raise ValueError(
+                    f"The FFN output half {current_key!r} has no Variator input half at {location.partner(current_key)!r}; "
+                    "with `layers_to_transform`, both halves of each FFN must be selected."
+                )
+            new_module = VariatorFFNOutput(target, adapter_name, peft_config, padding, partner.state)
+        if adapter_name not in self.active_adapters:
+            new_module.requires_grad_(False)
+        self._replace_module(parent, target_name, new_module, target)
+
+    def _ffn_location(self, peft_config: VariatorConfig) -> Optional[FFNLocation]:
+        """The table entry whose default targets this config uses, if any; explicit targets are whole FFNs."""
+        model_type = self.get_model_config(self.model).get("model_type")
+        location = FFN_LOCATIONS.get(model_type)
+        if location is not None and peft_config.target_modules == location.target_modules() and location.is_split:
+            return location
+        return None
+
+    def _mark_only_adapters_as_trainable(self, model: nn.Module) -> None:
+        for name, parameter in model.named_parameters():
+            if self.prefix not in name:
+                parameter.requires_grad = False
+
+    def set_adapter(self, adapter_name: str | list[str], inference_mode: bool = False) -> None:
+        names = [adapter_name] if isinstance(adapter_name, str) else list(adapter_name)
+        if len(names) != 1:
+            raise ValueError(
+                f"Variator runs exactly one adapter at a time; got {names}. Pass a single adapter name, or use "
+                "`disable_adapter()` to run the base model."
+            )
+        unknown = [name for name in names if name not in self.peft_config]
+        if unknown:
+            raise ValueError(f"Adapter {unknown[0]!r} not found; loaded adapters: {sorted(self.peft_config)}.")
+        super().set_adapter(names[0], inference_mode=inference_mode)
+
+    def merge_adapter(self, *args, **kwargs) -> None:
+        raise ValueError(_MERGE_ERROR)
+
+    def merge_and_unload(self, *args, **kwargs) -> nn.Module:
+        raise ValueError(_MERGE_ERROR)
+
+    def _unload_and_optionally_merge(self, merge: bool = True, **kwargs) -> nn.Module:
+        if merge:
+            raise ValueError(_MERGE_ERROR)
+        for name, module in list(self.model.named_modules()):
+            if isinstance(module, VariatorLayer):
+                parent_name, _, child_name = name.rpartition(".")
+                parent = self.model.get_submodule(parent_name) if parent_name else self.model
+                self._replace_module(parent, child_name, module.get_base_layer(), module)
+        detach_padding_context(self.model)
+        if hasattr(self.model, "peft_config"):
+            del self.model.peft_config
+        return self.model
+
+
+def _as_list(value: int | list[int]) -> list[int]:
+    return [value] if isinstance(value, int) else list(value)
+
+
+def _layer_index(key: str, layers_pattern: Optional[str | list[str]]) -> Optional[int]:
+    patterns = [layers_pattern] if isinstance(layers_pattern, str) else (layers_pattern or [r"[^.]*"])
+    for pattern in patterns:
+        # The first numbered segment is the layer index (not, e.g., an expert index further down).
+        match = re.match(rf"(?:^|.*?\.){pattern}\.(?P<index>\d+)\.", key)
+        if match:
+            return int(match.group("index"))
+    return None

@@ -1,0 +1,114 @@
+"""The attention mask that tuner layers never see, made available to them.
+
+PEFT tuner layers only receive the hidden states. Variator must know which tokens are padding, so the model's own
+entry points (the top model, its inner base model, and the encoder that encoder-decoder `generate()` calls directly)
+get a forward pre-hook that records the 2-D attention mask of the call. Layers read it from the shared
+`PaddingContext`, which also memoises the group layout per ratio, so the layers of one forward share one plan.
+
+The last mask stays recorded after the forward returns: gradient checkpointing re-runs layers during backward,
+outside any model forward, and must see the same grouping.
+"""
+
+from __future__ import annotations
+
+import inspect
+from typing import Any, Optional
+
+import torch
+from torch import nn
+
+from .plugin import GroupLayout, plan_groups
+
+_CONTEXT_ATTRIBUTE = "_variator_padding"
+
+
+class PaddingContext:
+    """The padding mask of the model's current forward pass, shared by all Variator layers of one model."""
+
+    def __init__(self) -> None:
+        self._mask: Optional[torch.Tensor] = None
+        self._layouts: dict[tuple[int, int, int], GroupLayout] = {}
+        self._hook_handles: list[Any] = []
+
+    def record(self, attention_mask: Optional[torch.Tensor]) -> None:
+        if attention_mask is not None and attention_mask.dim() != 2:
+            raise ValueError(
+                "Variator needs a 2-D padding mask `attention_mask` of shape (batch, seq_len) to group real tokens, "
+                f"got a {attention_mask.dim()}-D tensor of shape {tuple(attention_mask.shape)}."
+            )
+        if attention_mask is self._mask:
+            return
+        self._mask = attention_mask
+        self._layouts.clear()
+
+    def layout(self, batch_size: int, seq_len: int, ratio: int) -> GroupLayout:
+        """The group layout of hidden states `(batch_size, seq_len, H)` for `ratio`, memoised per forward."""
+        key = (batch_size, seq_len, ratio)
+        layout = self._layouts.get(key)
+        if layout is None:
+            layout = plan_groups(seq_len, ratio, self._mask_for(batch_size, seq_len))
+            self._layouts[key] = layout
+        return layout
+
+    def _mask_for(self, batch_size: int, seq_len: int) -> Optional[torch.Tensor]:
+        mask = self._mask
+        if mask is None:
+            return None
+        if mask.shape[0] != batch_size or mask.shape[1] < seq_len:
+            raise ValueError(
+                f"The recorded attention_mask has shape {tuple(mask.shape)} but a Variator layer received hidden "
+                f"states for batch {batch_size} x {seq_len} tokens. Call the model (not an inner layer) with the "
+                "attention_mask of this batch."
+            )
+        # With a KV cache the mask also covers earlier tokens; the hidden states are the newest ones.
+        return mask[:, mask.shape[1] - seq_len :]
+
+
+def padding_context(model: nn.Module) -> PaddingContext:
+    """The model's padding context, attaching it and its mask-recording hooks on first use."""
+    context = getattr(model, _CONTEXT_ATTRIBUTE, None)
+    if context is None:
+        context = PaddingContext()
+        object.__setattr__(model, _CONTEXT_ATTRIBUTE, context)
+        for entry_point in _entry_points(model):
+            hook = _mask_recorder(entry_point, context)
+            context._hook_handles.append(entry_point.register_forward_pre_hook(hook, with_kwargs=True))
+    return context
+
+
+def detach_padding_context(model: nn.Module) -> None:
+    """Remove the hooks and the context, leaving the model as it was before Variator touched it."""
+    context = getattr(model, _CONTEXT_ATTRIBUTE, None)
+    if context is None:
+        return
+    for handle in context._hook_handles:
+        handle.remove()
+    object.__delattr__(model, _CONTEXT_ATTRIBUTE)
+
+
+def _entry_points(model: nn.Module) -> list[nn.Module]:
+    candidates = [model, getattr(model, "base_model", None)]
+    if getattr(getattr(model, "config", None), "is_encoder_decoder", False):
+        candidates.append(model.get_encoder())
+    entry_points: list[nn.Module] = []
+    for module in candidates:
+        if isinstance(module, nn.Module) and all(module is not seen for seen in entry_points):
+            if "attention_mask" in inspect.signature(module.forward).parameters:
+                entry_points.append(module)
+    return entry_points
+
+
+def _mask_recorder(module: nn.Module, context: PaddingContext):
+    parameters = list(inspect.signature(module.forward).parameters)
+    position = parameters.index("attention_mask")
+
+    def record_mask(_module: nn.Module, args: tuple, kwargs: dict) -> None:
+        if "attention_mask" in kwargs:
+            mask = kwargs["attention_mask"]
+        elif len(args) > position:
+            mask = args[position]
+        else:
+            mask = None
+        context.record(mask)
+
+    return record_mask

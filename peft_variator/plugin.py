@@ -1,0 +1,203 @@
+"""Variator's compression and decompression as tensor functions, and the small modules that hold their weights.
+
+Shapes: B batch, N tokens, H hidden size, k `ratio`, G = ceil(real tokens / k) groups.
+
+The functions are loop-free (reshape, gather, matmul), so they can be profiled, tested and compiled on their own.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Optional
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+
+@dataclass(frozen=True)
+class GroupLayout:
+    """Which token goes into which group, for one batch and one ratio.
+
+    Groups are formed over the *real* tokens of each sequence, in order, starting at its first real token, so the
+    grouping (and hence every real token's output) does not depend on padding side or amount.
+
+    Attributes:
+        ratio: tokens per group (k).
+        seq_len: N, the sequence length of the hidden states.
+        num_groups: G, groups per sequence (the longest sequence's; shorter ones end in empty groups).
+        slot_token: `(B, G * k)` long, the token position feeding each group slot; `None` when slot s holds token s.
+        slot_valid: `(B or 1, G, k)` bool, which slots hold a real token; `None` when all do.
+        token_group: `(B, N)` long, the group of each token; `None` when token n is in group n // k.
+        token_alone: `(B or 1, N)` bool, tokens that are the only real token of their group; `None` when there are
+            none. Such a group is not compressed, so these tokens get the exact FFN output and no adapter correction.
+    """
+
+    ratio: int
+    seq_len: int
+    num_groups: int
+    slot_token: Optional[torch.Tensor] = None
+    slot_valid: Optional[torch.Tensor] = None
+    token_group: Optional[torch.Tensor] = None
+    token_alone: Optional[torch.Tensor] = None
+
+
+def plan_groups(seq_len: int, ratio: int, attention_mask: Optional[torch.Tensor] = None) -> GroupLayout:
+    """Group the tokens of a batch into runs of `ratio` consecutive real tokens.
+
+    Args:
+        seq_len: N.
+        ratio: k.
+        attention_mask: `(B, N)`, nonzero for real tokens; `None` when every token is real. Left, right or any other
+            padding is allowed.
+    """
+    if attention_mask is None:
+        num_groups = -(-seq_len // ratio)
+        tail = num_groups * ratio - seq_len
+        if tail == 0:
+            return GroupLayout(ratio, seq_len, num_groups)
+        slot_valid = torch.ones(1, num_groups, ratio, dtype=torch.bool)
+        slot_valid[:, -1, ratio - tail :] = False
+        token_alone = None
+        if seq_len % ratio == 1:
+            token_alone = torch.zeros(1, seq_len, dtype=torch.bool)
+            token_alone[:, -1] = True
+        return GroupLayout(ratio, seq_len, num_groups, slot_valid=slot_valid, token_alone=token_alone)
+
+    real = attention_mask.bool()
+    if bool(real.all()):
+        return plan_groups(seq_len, ratio)
+    device = real.device
+    lengths = real.sum(dim=1)
+    num_groups = max(1, -(-int(lengths.max()) // ratio))
+    num_slots = num_groups * ratio
+    # A stable sort of "is padding" lists each row's real positions first, in order.
+    real_positions = torch.argsort((~real).to(torch.int8), dim=1, stable=True)
+    if num_slots > seq_len:
+        real_positions = F.pad(real_positions, (0, num_slots - seq_len))
+    slots = torch.arange(num_slots, device=device)
+    slot_is_real = slots < lengths[:, None]
+    slot_token = torch.where(slot_is_real, real_positions[:, :num_slots], 0)
+    slot_valid = slot_is_real.view(-1, num_groups, ratio)
+
+    rank = real.long().cumsum(dim=1) - 1
+    token_group = (rank.clamp(min=0) // ratio).clamp(max=num_groups - 1)
+    group_size = slot_valid.sum(dim=2)
+    token_alone = (group_size.gather(1, token_group) == 1) & real
+    return GroupLayout(
+        ratio,
+        seq_len,
+        num_groups,
+        slot_token=slot_token,
+        slot_valid=slot_valid,
+        token_group=token_group,
+        token_alone=token_alone if bool(token_alone.any()) else None,
+    )
+
+
+def gather_groups(hidden: torch.Tensor, layout: GroupLayout) -> torch.Tensor:
+    """Arrange hidden states into groups: `(B, N, H)` -> `(B, G, k, H)`, zeros in empty slots."""
+    batch, seq_len, width = hidden.shape
+    num_slots = layout.num_groups * layout.ratio
+    if layout.slot_token is not None:
+        index = layout.slot_token[:, :, None].expand(batch, num_slots, width)
+        slots = hidden.gather(1, index)
+    elif num_slots > seq_len:
+        slots = F.pad(hidden, (0, 0, 0, num_slots - seq_len))
+    else:
+        slots = hidden
+    groups = slots.view(batch, layout.num_groups, layout.ratio, width)
+    if layout.slot_token is not None and layout.slot_valid is not None:
+        # Padded positions must not reach the scoring map, which reads the whole concatenated group.
+        groups = groups * layout.slot_valid[..., None].to(groups.dtype)
+    return groups
+
+
+def group_weights(groups: torch.Tensor, layout: GroupLayout, score: Optional[nn.Linear]) -> torch.Tensor:
+    """Softmax weights of the tokens in each group: `(B, G, k, H)` -> `(B, G, k)`; empty slots get exactly 0.
+
+    With `score=None` the weights are uniform over the real tokens (average pooling).
+    """
+    batch, num_groups, ratio, width = groups.shape
+    if score is None:
+        if layout.slot_valid is None:
+            return groups.new_full((batch, num_groups, ratio), 1.0 / ratio)
+        valid = layout.slot_valid.to(groups.dtype)
+        return valid / valid.sum(dim=2, keepdim=True).clamp(min=1)
+    scores = score(groups.reshape(batch, num_groups, ratio * width).to(score.weight.dtype))
+    if layout.slot_valid is None:
+        return scores.softmax(dim=-1).to(groups.dtype)
+    # A finite fill keeps all-empty groups NaN-free (uniform, then zeroed by the mask).
+    scores = scores.masked_fill(~layout.slot_valid, torch.finfo(scores.dtype).min)
+    return (scores.softmax(dim=-1) * layout.slot_valid).to(groups.dtype)
+
+
+def compress(hidden: torch.Tensor, layout: GroupLayout, score: Optional[nn.Linear] = None) -> torch.Tensor:
+    """Compress every group of k tokens into one vector: `(B, N, H)` -> `(B, G, H)`.
+
+    The compressed vector is the softmax-weighted sum of the group's tokens, the weights coming from a linear map of
+    the concatenated group (k*H -> k). `score=None` gives plain average pooling.
+    """
+    groups = gather_groups(hidden, layout)
+    weights = group_weights(groups, layout, score)
+    return (weights.unsqueeze(2) @ groups).squeeze(2)
+
+
+def repeat_groups(compressed: torch.Tensor, layout: GroupLayout) -> torch.Tensor:
+    """Give every token its group's vector back: `(B, G, D)` -> `(B, N, D)`."""
+    batch, num_groups, width = compressed.shape
+    if layout.token_group is not None:
+        return compressed.gather(1, layout.token_group[:, :, None].expand(batch, layout.seq_len, width))
+    repeated = compressed.unsqueeze(2).expand(batch, num_groups, layout.ratio, width)
+    return repeated.reshape(batch, num_groups * layout.ratio, width)[:, : layout.seq_len]
+
+
+class DecompressionAdapter(nn.Module):
+    """Bottleneck adapter over [repeated FFN output ; the token's own FFN input]: 2*H -> adapter_dim -> H.
+
+    The down-projection of the concatenation is kept as its two halves so the half that reads the FFN output runs
+    on the G compressed vectors before repetition, k times fewer rows than on the repeated ones.
+    """
+
+    def __init__(self, hidden_size: int, adapter_dim: int) -> None:
+        super().__init__()
+        self.down_output = nn.Linear(hidden_size, adapter_dim)
+        self.down_token = nn.Linear(hidden_size, adapter_dim, bias=False)
+        self.up = nn.Linear(adapter_dim, hidden_size)
+        # Zero correction before training: decompression starts as plain repetition.
+        nn.init.zeros_(self.up.weight)
+        nn.init.zeros_(self.up.bias)
+
+    def forward(self, ffn_output: torch.Tensor, tokens: torch.Tensor, layout: GroupLayout) -> torch.Tensor:
+        """`(B, G, H)` FFN output and `(B, N, H)` FFN input -> `(B, N, H)` correction."""
+        dtype = self.up.weight.dtype
+        hidden = repeat_groups(self.down_output(ffn_output.to(dtype)), layout) + self.down_token(tokens.to(dtype))
+        return self.up(F.relu(hidden))
+
+
+def decompress(
+    ffn_output: torch.Tensor,
+    tokens: torch.Tensor,
+    layout: GroupLayout,
+    adapter: Optional[DecompressionAdapter] = None,
+) -> torch.Tensor:
+    """Bring the FFN output back to one vector per token: `(B, G, H)` + `(B, N, H)` -> `(B, N, H)`.
+
+    Each token gets its group's FFN output plus the adapter's correction from its own FFN input `tokens`.
+    `adapter=None` gives plain repetition.
+    """
+    repeated = repeat_groups(ffn_output, layout)
+    if adapter is None:
+        return repeated
+    correction = adapter(ffn_output, tokens, layout)
+    if layout.token_alone is not None:
+        correction = correction * ~layout.token_alone[..., None]
+    return repeated + correction.to(repeated.dtype)
+
+
+def init_score(ratio: int, hidden_size: int) -> nn.Linear:
+    """The scoring map k*H -> k, zero-initialised so an untrained plugin is average pooling."""
+    score = nn.Linear(ratio * hidden_size, ratio)
+    nn.init.zeros_(score.weight)
+    nn.init.zeros_(score.bias)
+    return score

