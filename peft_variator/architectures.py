@@ -5,7 +5,6 @@ from __future__ import annotations
 import logging
 import re
 from dataclasses import dataclass
-from typing import Optional
 
 from torch import nn
 
@@ -24,9 +23,9 @@ class FFNLocation:
     """
 
     layers: str
-    ffn: Optional[str] = None
-    ffn_input: Optional[str] = None
-    ffn_output: Optional[str] = None
+    ffn: str | None = None
+    ffn_input: str | None = None
+    ffn_output: str | None = None
 
     @property
     def is_split(self) -> bool:
@@ -85,7 +84,7 @@ def linear_shapes(module: nn.Module) -> list[tuple[int, int]]:
     return shapes
 
 
-def find_ffns(model: nn.Module, hidden_size: int, within: Optional[nn.Module] = None) -> list[str]:
+def find_ffns(model: nn.Module, hidden_size: int, within: nn.Module | None = None) -> list[str]:
     """Full names of the FFNs of `model` found by structure, for architectures missing from the table.
 
     An FFN is the smallest module whose linear layers all map hidden -> I or I -> hidden for one intermediate size
@@ -113,7 +112,9 @@ def _is_whole_ffn(module: nn.Module, hidden_size: int) -> bool:
     shapes = linear_shapes(module)
     if not shapes:
         return False
-    intermediate = {out for inp, out in shapes if inp == hidden_size} | {inp for inp, out in shapes if out == hidden_size}
+    intermediate = {out for inp, out in shapes if inp == hidden_size} | {
+        inp for inp, out in shapes if out == hidden_size
+    }
     if len(intermediate) != 1 or hidden_size in intermediate:
         return False
     size = intermediate.pop()
@@ -124,7 +125,7 @@ def _is_whole_ffn(module: nn.Module, hidden_size: int) -> bool:
     )
 
 
-def hidden_size_of(model_config: dict) -> Optional[int]:
+def hidden_size_of(model_config: dict) -> int | None:
     """The model's hidden size from its config, under the names transformers architectures use."""
     for key in ("hidden_size", "d_model", "n_embd", "dim"):
         if isinstance(model_config.get(key), int):

@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 from dataclasses import dataclass, field
-from typing import Optional, Union
 
 from peft.config import PeftConfig
 
@@ -41,7 +40,7 @@ class VariatorConfig(PeftConfig):
         default=64,
         metadata={"help": "Bottleneck width of the decompression adapter (an integer >= 1)."},
     )
-    target_modules: Optional[Union[list[str], str]] = field(
+    target_modules: list[str] | str | None = field(
         default=None,
         metadata={
             "help": (
@@ -51,18 +50,18 @@ class VariatorConfig(PeftConfig):
             )
         },
     )
-    layers_to_transform: Optional[Union[list[int], int]] = field(
+    layers_to_transform: list[int] | int | None = field(
         default=None,
         metadata={"help": "Only compress the FFNs of these layer indices (an int or a list of ints)."},
     )
-    layers_pattern: Optional[Union[list[str], str]] = field(
+    layers_pattern: list[str] | str | None = field(
         default=None,
         metadata={
             "help": "Name of the module list that holds the layers, used with `layers_to_transform` "
             "(e.g. 'layers', 'h', 'block'). Unset: the first numbered module in a name is the layer index."
         },
     )
-    modules_to_save: Optional[list[str]] = field(
+    modules_to_save: list[str] | None = field(
         default=None,
         metadata={
             "help": "Modules apart from the plugins to train and save with the adapter, e.g. ['classifier'] for a "
@@ -84,7 +83,8 @@ class VariatorConfig(PeftConfig):
                 )
         elif self.target_modules is not None and not isinstance(self.target_modules, str):
             raise ValueError(
-                f"`target_modules` must be None, a regex string or a list of module names, got {self.target_modules!r}."
+                "`target_modules` must be None, a regex string or a list of module names, "
+                f"got {self.target_modules!r}."
             )
         if self.layers_to_transform is not None:
             indices = (
@@ -92,7 +92,8 @@ class VariatorConfig(PeftConfig):
             )
             if not all(isinstance(i, int) and not isinstance(i, bool) and i >= 0 for i in indices):
                 raise ValueError(
-                    f"`layers_to_transform` must be a non-negative int or a list of them, got {self.layers_to_transform!r}."
+                    "`layers_to_transform` must be a non-negative int or a list of them, "
+                    f"got {self.layers_to_transform!r}."
                 )
             if isinstance(self.layers_to_transform, (tuple, set)):
                 self.layers_to_transform = sorted(self.layers_to_transform)

@@ -10,7 +10,7 @@ plain attribute, never as a submodule, so PEFT saves each plugin weight exactly 
 
 from __future__ import annotations
 
-from typing import Any, Optional
+from typing import Any
 
 import torch
 from peft.tuners.tuners_utils import BaseTunerLayer
@@ -45,7 +45,7 @@ class VariatorLayer(nn.Module, BaseTunerLayer):
     def _add_plugin(self, adapter_name: str, config: VariatorConfig) -> None:
         raise NotImplementedError
 
-    def active_plugin(self) -> Optional[str]:
+    def active_plugin(self) -> str | None:
         """Name of the adapter whose plugin runs, or None when the layer runs as the base model."""
         if self.disable_adapters:
             return None
@@ -57,7 +57,7 @@ class VariatorLayer(nn.Module, BaseTunerLayer):
             )
         return active[0] if active else None
 
-    def merge(self, safe_merge: bool = False, adapter_names: Optional[list[str]] = None) -> None:
+    def merge(self, safe_merge: bool = False, adapter_names: list[str] | None = None) -> None:
         raise ValueError(
             "A Variator plugin changes the sequence length inside the FFN and cannot be merged into weights. "
             "Use `unload()` to get the base model back, or keep the adapter and switch with `set_adapter`."
@@ -66,7 +66,7 @@ class VariatorLayer(nn.Module, BaseTunerLayer):
     def unmerge(self) -> None:
         pass
 
-    def _layout(self, hidden: torch.Tensor, adapter_name: str) -> Optional[GroupLayout]:
+    def _layout(self, hidden: torch.Tensor, adapter_name: str) -> GroupLayout | None:
         """The group layout for `hidden` (B, N, H), or None when nothing is compressed (a single token per row,
         as in every cached decoding step)."""
         batch, seq_len = hidden.shape[:2]
@@ -81,7 +81,7 @@ class VariatorLayer(nn.Module, BaseTunerLayer):
 class VariatorFFN(VariatorLayer):
     """Wraps a whole FFN: compress -> FFN on N/k vectors -> decompress."""
 
-    adapter_layer_names = ("variator_score", "variator_adapter")
+    adapter_layer_names = ("variator_compressor", "variator_decompressor")
 
     def __init__(
         self, base_layer: nn.Module, adapter_name: str, config: VariatorConfig, padding: PaddingContext
@@ -95,36 +95,36 @@ class VariatorFFN(VariatorLayer):
                 "FFN in `target_modules`."
             )
         super().__init__(base_layer, padding, hidden_size)
-        self.variator_score = nn.ModuleDict()
-        self.variator_adapter = nn.ModuleDict()
+        self.variator_compressor = nn.ModuleDict()
+        self.variator_decompressor = nn.ModuleDict()
         self._active_adapter = adapter_name
         self.update_layer(adapter_name, config)
 
     def _add_plugin(self, adapter_name: str, config: VariatorConfig) -> None:
-        self.variator_score[adapter_name] = init_score(config.ratio, self.hidden_size)
-        self.variator_adapter[adapter_name] = DecompressionAdapter(self.hidden_size, config.adapter_dim)
+        self.variator_compressor[adapter_name] = init_score(config.ratio, self.hidden_size)
+        self.variator_decompressor[adapter_name] = DecompressionAdapter(self.hidden_size, config.adapter_dim)
 
     def forward(self, hidden: torch.Tensor, *args: Any, **kwargs: Any) -> torch.Tensor:
         adapter_name = self.active_plugin()
         layout = None if adapter_name is None else self._layout(hidden, adapter_name)
         if layout is None:
             return self.base_layer(hidden, *args, **kwargs)
-        compressed = compress(hidden, layout, self.variator_score[adapter_name])
+        compressed = compress(hidden, layout, self.variator_compressor[adapter_name])
         ffn_output = self.base_layer(compressed, *args, **kwargs)
-        return decompress(ffn_output, hidden, layout, self.variator_adapter[adapter_name])
+        return decompress(ffn_output, hidden, layout, self.variator_decompressor[adapter_name])
 
 
 class SplitFFNState:
     """What the input half of a split FFN hands to its output half within one forward pass."""
 
     def __init__(self) -> None:
-        self.layout: Optional[GroupLayout] = None
-        self.tokens: Optional[torch.Tensor] = None
+        self.layout: GroupLayout | None = None
+        self.tokens: torch.Tensor | None = None
 
-    def put(self, layout: Optional[GroupLayout], tokens: Optional[torch.Tensor]) -> None:
+    def put(self, layout: GroupLayout | None, tokens: torch.Tensor | None) -> None:
         self.layout, self.tokens = layout, tokens
 
-    def take(self) -> tuple[Optional[GroupLayout], Optional[torch.Tensor]]:
+    def take(self) -> tuple[GroupLayout | None, torch.Tensor | None]:
         # Dropped after use so no activations are kept alive between forward passes.
         layout, tokens = self.layout, self.tokens
         self.layout = self.tokens = None
@@ -134,7 +134,7 @@ class SplitFFNState:
 class VariatorFFNInput(VariatorLayer):
     """Wraps the first half of a split FFN (hidden -> intermediate): compresses its input."""
 
-    adapter_layer_names = ("variator_score",)
+    adapter_layer_names = ("variator_compressor",)
 
     def __init__(
         self,
@@ -149,12 +149,12 @@ class VariatorFFNInput(VariatorLayer):
             raise ValueError(f"{type(base_layer).__name__} has no linear layer to read the hidden size from.")
         super().__init__(base_layer, padding, shapes[0][0])
         self.state = state
-        self.variator_score = nn.ModuleDict()
+        self.variator_compressor = nn.ModuleDict()
         self._active_adapter = adapter_name
         self.update_layer(adapter_name, config)
 
     def _add_plugin(self, adapter_name: str, config: VariatorConfig) -> None:
-        self.variator_score[adapter_name] = init_score(config.ratio, self.hidden_size)
+        self.variator_compressor[adapter_name] = init_score(config.ratio, self.hidden_size)
 
     def forward(self, hidden: torch.Tensor, *args: Any, **kwargs: Any) -> torch.Tensor:
         adapter_name = self.active_plugin()
@@ -163,13 +163,13 @@ class VariatorFFNInput(VariatorLayer):
             self.state.put(None, None)
             return self.base_layer(hidden, *args, **kwargs)
         self.state.put(layout, hidden)
-        return self.base_layer(compress(hidden, layout, self.variator_score[adapter_name]), *args, **kwargs)
+        return self.base_layer(compress(hidden, layout, self.variator_compressor[adapter_name]), *args, **kwargs)
 
 
 class VariatorFFNOutput(VariatorLayer):
     """Wraps the second half of a split FFN (intermediate -> hidden): decompresses its output."""
 
-    adapter_layer_names = ("variator_adapter",)
+    adapter_layer_names = ("variator_decompressor",)
 
     def __init__(
         self,
@@ -184,12 +184,12 @@ class VariatorFFNOutput(VariatorLayer):
             raise ValueError(f"{type(base_layer).__name__} has no linear layer to read the hidden size from.")
         super().__init__(base_layer, padding, shapes[-1][1])
         self.state = state
-        self.variator_adapter = nn.ModuleDict()
+        self.variator_decompressor = nn.ModuleDict()
         self._active_adapter = adapter_name
         self.update_layer(adapter_name, config)
 
     def _add_plugin(self, adapter_name: str, config: VariatorConfig) -> None:
-        self.variator_adapter[adapter_name] = DecompressionAdapter(self.hidden_size, config.adapter_dim)
+        self.variator_decompressor[adapter_name] = DecompressionAdapter(self.hidden_size, config.adapter_dim)
 
     def forward(self, intermediate: torch.Tensor, *args: Any, **kwargs: Any) -> torch.Tensor:
         ffn_output = self.base_layer(intermediate, *args, **kwargs)
@@ -197,4 +197,4 @@ class VariatorFFNOutput(VariatorLayer):
         adapter_name = self.active_plugin()
         if layout is None or adapter_name is None:
             return ffn_output
-        return decompress(ffn_output, tokens, layout, self.variator_adapter[adapter_name])
+        return decompress(ffn_output, tokens, layout, self.variator_decompressor[adapter_name])

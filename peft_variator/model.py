@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import re
-from typing import Optional
 
 from peft.tuners.tuners_utils import BaseTuner, check_target_module_exists
 from torch import nn
@@ -41,6 +40,24 @@ class VariatorModel(BaseTuner):
     prefix: str = PREFIX
     tuner_layer_cls = VariatorLayer
     target_module_mapping = {model_type: location.target_modules() for model_type, location in FFN_LOCATIONS.items()}
+
+    def inject_adapter(self, model: nn.Module, adapter_name: str, *args, **kwargs) -> None:
+        super().inject_adapter(model, adapter_name, *args, **kwargs)
+        self._update_model_tags()
+
+    def delete_adapter(self, adapter_name: str) -> None:
+        super().delete_adapter(adapter_name)
+        self._update_model_tags()
+
+    def _update_model_tags(self) -> None:
+        # transformers writes `model_tags` into the model card on `push_to_hub` / `save_pretrained` (TRL tags its
+        # models the same way), so the card names the method and every ratio carried.
+        if not hasattr(self.model, "add_model_tags"):
+            return
+        _remove_variator_tags(self.model)
+        ratios = sorted({config.ratio for config in self.peft_config.values() if isinstance(config, VariatorConfig)})
+        if ratios:
+            self.model.add_model_tags(["variator", *[f"variator-ratio-{ratio}" for ratio in ratios]])
 
     def _prepare_adapter_config(self, peft_config: VariatorConfig, model_config: dict) -> VariatorConfig:
         if peft_config.target_modules is None:
@@ -98,7 +115,8 @@ class VariatorModel(BaseTuner):
             partner = self.model.get_submodule(location.partner(current_key))
             if not isinstance(partner, VariatorFFNInput):
                 raise ValueError(
-                    f"The FFN output half {current_key!r} has no Variator input half at {location.partner(current_key)!r}; "
+                    f"The FFN output half {current_key!r} has no Variator input half at "
+                    f"{location.partner(current_key)!r}; "
                     "with `layers_to_transform`, both halves of each FFN must be selected."
                 )
             new_module = VariatorFFNOutput(target, adapter_name, peft_config, padding, partner.state)
@@ -106,7 +124,7 @@ class VariatorModel(BaseTuner):
             new_module.requires_grad_(False)
         self._replace_module(parent, target_name, new_module, target)
 
-    def _ffn_location(self, peft_config: VariatorConfig) -> Optional[FFNLocation]:
+    def _ffn_location(self, peft_config: VariatorConfig) -> FFNLocation | None:
         """The table entry whose default targets this config uses, if any; explicit targets are whole FFNs."""
         model_type = self.get_model_config(self.model).get("model_type")
         location = FFN_LOCATIONS.get(model_type)
@@ -144,18 +162,31 @@ class VariatorModel(BaseTuner):
             if isinstance(module, VariatorLayer):
                 parent_name, _, child_name = name.rpartition(".")
                 parent = self.model.get_submodule(parent_name) if parent_name else self.model
-                self._replace_module(parent, child_name, module.get_base_layer(), module)
+                # Not `_replace_module`: it copies `.weight`, which a whole FFN block does not have.
+                setattr(parent, child_name, module.get_base_layer())
         detach_padding_context(self.model)
+        _remove_variator_tags(self.model)
         if hasattr(self.model, "peft_config"):
             del self.model.peft_config
         return self.model
+
+
+def _remove_variator_tags(model: nn.Module) -> None:
+    tags = getattr(model, "model_tags", None)
+    if not tags:
+        return
+    kept = [tag for tag in tags if tag != "variator" and not tag.startswith("variator-ratio-")]
+    if kept:
+        model.model_tags = kept
+    else:
+        model.__dict__.pop("model_tags", None)
 
 
 def _as_list(value: int | list[int]) -> list[int]:
     return [value] if isinstance(value, int) else list(value)
 
 
-def _layer_index(key: str, layers_pattern: Optional[str | list[str]]) -> Optional[int]:
+def _layer_index(key: str, layers_pattern: str | list[str] | None) -> int | None:
     patterns = [layers_pattern] if isinstance(layers_pattern, str) else (layers_pattern or [r"[^.]*"])
     for pattern in patterns:
         # The first numbered segment is the layer index (not, e.g., an expert index further down).

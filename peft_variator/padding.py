@@ -12,7 +12,7 @@ outside any model forward, and must see the same grouping.
 from __future__ import annotations
 
 import inspect
-from typing import Any, Optional
+from typing import Any
 
 import torch
 from torch import nn
@@ -26,11 +26,11 @@ class PaddingContext:
     """The padding mask of the model's current forward pass, shared by all Variator layers of one model."""
 
     def __init__(self) -> None:
-        self._mask: Optional[torch.Tensor] = None
+        self._mask: torch.Tensor | None = None
         self._layouts: dict[tuple[int, int, int], GroupLayout] = {}
         self._hook_handles: list[Any] = []
 
-    def record(self, attention_mask: Optional[torch.Tensor]) -> None:
+    def record(self, attention_mask: torch.Tensor | None) -> None:
         if attention_mask is not None and attention_mask.dim() != 2:
             raise ValueError(
                 "Variator needs a 2-D padding mask `attention_mask` of shape (batch, seq_len) to group real tokens, "
@@ -50,7 +50,7 @@ class PaddingContext:
             self._layouts[key] = layout
         return layout
 
-    def _mask_for(self, batch_size: int, seq_len: int) -> Optional[torch.Tensor]:
+    def _mask_for(self, batch_size: int, seq_len: int) -> torch.Tensor | None:
         mask = self._mask
         if mask is None:
             return None

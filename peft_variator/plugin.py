@@ -8,7 +8,6 @@ The functions are loop-free (reshape, gather, matmul), so they can be profiled, 
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import Optional
 
 import torch
 import torch.nn.functional as F
@@ -36,13 +35,13 @@ class GroupLayout:
     ratio: int
     seq_len: int
     num_groups: int
-    slot_token: Optional[torch.Tensor] = None
-    slot_valid: Optional[torch.Tensor] = None
-    token_group: Optional[torch.Tensor] = None
-    token_alone: Optional[torch.Tensor] = None
+    slot_token: torch.Tensor | None = None
+    slot_valid: torch.Tensor | None = None
+    token_group: torch.Tensor | None = None
+    token_alone: torch.Tensor | None = None
 
 
-def plan_groups(seq_len: int, ratio: int, attention_mask: Optional[torch.Tensor] = None) -> GroupLayout:
+def plan_groups(seq_len: int, ratio: int, attention_mask: torch.Tensor | None = None) -> GroupLayout:
     """Group the tokens of a batch into runs of `ratio` consecutive real tokens.
 
     Args:
@@ -113,7 +112,7 @@ def gather_groups(hidden: torch.Tensor, layout: GroupLayout) -> torch.Tensor:
     return groups
 
 
-def group_weights(groups: torch.Tensor, layout: GroupLayout, score: Optional[nn.Linear]) -> torch.Tensor:
+def group_weights(groups: torch.Tensor, layout: GroupLayout, score: nn.Linear | None) -> torch.Tensor:
     """Softmax weights of the tokens in each group: `(B, G, k, H)` -> `(B, G, k)`; empty slots get exactly 0.
 
     With `score=None` the weights are uniform over the real tokens (average pooling).
@@ -132,7 +131,7 @@ def group_weights(groups: torch.Tensor, layout: GroupLayout, score: Optional[nn.
     return (scores.softmax(dim=-1) * layout.slot_valid).to(groups.dtype)
 
 
-def compress(hidden: torch.Tensor, layout: GroupLayout, score: Optional[nn.Linear] = None) -> torch.Tensor:
+def compress(hidden: torch.Tensor, layout: GroupLayout, score: nn.Linear | None = None) -> torch.Tensor:
     """Compress every group of k tokens into one vector: `(B, N, H)` -> `(B, G, H)`.
 
     The compressed vector is the softmax-weighted sum of the group's tokens, the weights coming from a linear map of
@@ -179,7 +178,7 @@ def decompress(
     ffn_output: torch.Tensor,
     tokens: torch.Tensor,
     layout: GroupLayout,
-    adapter: Optional[DecompressionAdapter] = None,
+    adapter: DecompressionAdapter | None = None,
 ) -> torch.Tensor:
     """Bring the FFN output back to one vector per token: `(B, G, H)` + `(B, N, H)` -> `(B, N, H)`.
 

@@ -3,11 +3,10 @@
 PEFT's `register_peft_method` only accepts names that are already members of its `PeftType` str-enum, and the enum
 refuses new members through attribute assignment. So Variator adds its member the way `enum` itself builds members,
 then calls the public `register_peft_method`. Every assumption about PEFT internals is checked here and fails loudly,
-naming the PEFT version, if a release changes it.
+naming the PEFT version, if a release changes it. `register` also installs the model-card hooks of `hub.py`.
 """
 
 from __future__ import annotations
-
 
 import peft
 from peft.utils import PeftType
@@ -53,8 +52,9 @@ def register() -> None:
     from peft.utils import register_peft_method
 
     from .config import VariatorConfig
+    from .hub import install_model_card_hooks
     from .model import VariatorModel
 
-    if PEFT_TYPE_TO_TUNER_MAPPING.get(VARIATOR) is VariatorModel:
-        return
-    register_peft_method(name=NAME, config_cls=VariatorConfig, model_cls=VariatorModel, prefix=PREFIX)
+    if PEFT_TYPE_TO_TUNER_MAPPING.get(VARIATOR) is not VariatorModel:
+        register_peft_method(name=NAME, config_cls=VariatorConfig, model_cls=VariatorModel, prefix=PREFIX)
+    install_model_card_hooks()

@@ -1,0 +1,267 @@
+"""Training Variator plugins the paper's way, on top of `transformers.Trainer`.
+
+Variator trains each plugin to make the compressed model behave like the uncompressed one (Xiao et al., 2023,
+arXiv 2310.15724, Sec. 3.3): the loss is the task loss plus the mean squared error between the hidden states of the
+model with plugins (the student) and without them (the teacher). The teacher is the same model with its adapters
+disabled, so no second copy is kept in memory.
+
+`VariatorTrainer` only changes `compute_loss` (and which parameters the optimizer receives when several ratios are
+trained at once), so accelerate, DDP, gradient accumulation, mixed precision, gradient checkpointing, checkpoints,
+`resume_from_checkpoint` and logging are `transformers.Trainer`'s own.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+import torch
+import torch.nn.functional as F
+from peft import PeftModel
+from torch import nn
+from transformers import Trainer
+from transformers.models.auto.modeling_auto import MODEL_FOR_CAUSAL_LM_MAPPING_NAMES
+
+from .config import VariatorConfig
+from .layer import VariatorLayer
+from .model import _layer_index
+from .registration import PREFIX
+
+_DISTILL_LAYERS = ("last", "all")
+
+
+class VariatorTrainer(Trainer):
+    """A `transformers.Trainer` whose loss trains Variator plugins by distillation from the uncompressed model.
+
+    For each batch the model first runs once with its adapters disabled and without gradients (the teacher), then
+    once per trained adapter (the students). The loss, summed over the students, is
+
+        task_weight * the model's own loss (when the batch has `labels`)
+        + distill_weight * MSE(student hidden states, teacher hidden states) over real (non-padded) tokens
+        + logits_weight * T^2 * KL(teacher logits / T || student logits / T)
+
+    All other keyword arguments are `transformers.Trainer`'s.
+
+    Args:
+        distill_weight (`float`): Weight of the hidden-state MSE. The MSE is averaged over the hidden size and over
+            the tokens with `attention_mask == 1`, so padding never counts.
+        task_weight (`float`): Weight of the loss the model returns for `labels`. Must be 0 for causal language
+            models: their prompt is compressed, so a language-modelling loss through the plugins would let each
+            position read the tokens it has to predict.
+        distill_layers (`str`): `"last"`: match the last hidden states, as the reference implementation does.
+            `"all"`: match the output of every layer whose FFN is compressed, averaged over those layers.
+        logits_weight (`float`): Weight of the KL divergence between teacher and student logits (0 disables it).
+            For sequence logits `(batch, seq, vocab)` only real tokens count.
+        logits_temperature (`float`): Softmax temperature of that KL divergence (Hinton et al., 2015).
+        ratios_adapters (`list[str]`, *optional*): Names of several loaded Variator adapters (e.g. one per ratio) to
+            train together: one teacher forward per batch, then one student forward per adapter, their losses
+            summed. All of them are trained and saved as separate named adapters. When unset, the active adapter is
+            trained and any other loaded adapter stays frozen.
+
+    Example:
+
+        ```py
+        >>> model = get_peft_model(model, VariatorConfig(ratio=4), adapter_name="ratio4")
+        >>> model.add_adapter("ratio8", VariatorConfig(ratio=8))
+        >>> trainer = VariatorTrainer(model=model, args=args, train_dataset=train, ratios_adapters=["ratio4", "ratio8"])
+        >>> trainer.train()
+        ```
+    """
+
+    # The loss is a per-batch mean, so the Trainer divides it by the gradient accumulation steps.
+    loss_is_scaled_for_ga = False
+
+    def __init__(
+        self,
+        *args: Any,
+        distill_weight: float = 1.0,
+        task_weight: float = 1.0,
+        distill_layers: str = "last",
+        logits_weight: float = 0.0,
+        logits_temperature: float = 1.0,
+        ratios_adapters: list[str] | None = None,
+        **kwargs: Any,
+    ) -> None:
+        for name, value in (
+            ("distill_weight", distill_weight),
+            ("task_weight", task_weight),
+            ("logits_weight", logits_weight),
+        ):
+            if isinstance(value, bool) or not isinstance(value, (int, float)) or value < 0:
+                raise ValueError(f"`{name}` must be a number >= 0, got {value!r}.")
+        if distill_weight == task_weight == logits_weight == 0:
+            raise ValueError("`distill_weight`, `task_weight` and `logits_weight` are all 0: there is nothing to train.")
+        if distill_layers not in _DISTILL_LAYERS:
+            raise ValueError(f"`distill_layers` must be one of {_DISTILL_LAYERS}, got {distill_layers!r}.")
+        if not isinstance(logits_temperature, (int, float)) or logits_temperature <= 0:
+            raise ValueError(f"`logits_temperature` must be a number > 0, got {logits_temperature!r}.")
+        model = kwargs.get("model", args[0] if args else None)
+        self.trained_adapters = _trained_adapters(model, ratios_adapters)
+        self.distill_weight = float(distill_weight)
+        self.task_weight = float(task_weight)
+        self.distill_layers = distill_layers
+        self.logits_weight = float(logits_weight)
+        self.logits_temperature = float(logits_temperature)
+        self.several_ratios = ratios_adapters is not None
+        self._is_causal_lm = _is_causal_lm(model)
+        self._compressed_layers = {name: _compressed_layers(model, name) for name in self.trained_adapters}
+        _set_trainable(model, self.trained_adapters)
+        super().__init__(*args, **kwargs)
+
+    def create_optimizer(self, *args: Any, **kwargs: Any):
+        # `resume_from_checkpoint` reloads every adapter but the active one with `is_trainable=False`, and
+        # `set_adapter` freezes inactive adapters: make sure the optimizer sees every trained adapter.
+        _set_trainable(self.accelerator.unwrap_model(self.model), self.trained_adapters)
+        return super().create_optimizer(*args, **kwargs)
+
+    def compute_loss(
+        self,
+        model: nn.Module,
+        inputs: dict[str, torch.Tensor | Any],
+        return_outputs: bool = False,
+        num_items_in_batch: torch.Tensor | int | None = None,
+    ) -> torch.Tensor | tuple[torch.Tensor, Any]:
+        peft_model = self.accelerator.unwrap_model(model)
+        labels = inputs.get("labels")
+        use_task_loss = self.task_weight > 0 and labels is not None
+        if use_task_loss and self._is_causal_lm:
+            raise ValueError(
+                "`task_weight` must be 0 when training Variator plugins of a causal language model on batches with "
+                "`labels`: the plugins compress the prompt, so a language-modelling loss through them would let each "
+                "position read the tokens it must predict. Train with distillation only (`task_weight=0`)."
+            )
+        unlabelled = {key: value for key, value in inputs.items() if key != "labels"}
+        mask = inputs.get("attention_mask")
+        active = peft_model.active_adapter
+
+        # The unwrapped model skips DDP's gradient bookkeeping; accelerate's autocast is on it all the same.
+        with peft_model.disable_adapter(), torch.no_grad():
+            teacher = peft_model(**unlabelled, output_hidden_states=True)
+
+        loss = None
+        outputs = None
+        for adapter in self.trained_adapters:
+            if adapter != peft_model.active_adapter:
+                peft_model.set_adapter(adapter)
+            # `disable_adapter` and `set_adapter` both switch `requires_grad` off for adapters they consider
+            # inactive; every trained adapter must keep it on for its gradients (and DDP's hooks) to run.
+            _set_trainable(peft_model, self.trained_adapters)
+            outputs = model(**(inputs if use_task_loss else unlabelled), output_hidden_states=True)
+            adapter_loss = self._adapter_loss(adapter, outputs, teacher, mask, use_task_loss)
+            loss = adapter_loss if loss is None else loss + adapter_loss
+        if peft_model.active_adapter != active:
+            peft_model.set_adapter(active)
+            _set_trainable(peft_model, self.trained_adapters)
+        return (loss, outputs) if return_outputs else loss
+
+    def _adapter_loss(
+        self, adapter: str, student: Any, teacher: Any, mask: torch.Tensor | None, use_task_loss: bool
+    ) -> torch.Tensor:
+        loss = torch.zeros((), device=_first_tensor(student).device)
+        if use_task_loss:
+            loss = loss + self.task_weight * student["loss"]
+        if self.distill_weight > 0:
+            pairs = list(zip(_hidden_states(student), _hidden_states(teacher), strict=True))
+            if self.distill_layers == "last":
+                pairs = pairs[-1:]
+            else:
+                # hidden_states[0] is the embedding output; hidden_states[i + 1] is layer i's output.
+                layers = self._compressed_layers[adapter]
+                pairs = [pairs[i + 1] for i in layers] if layers else pairs[1:]
+            mse = torch.stack([masked_mse(s, t, mask) for s, t in pairs]).mean()
+            loss = loss + self.distill_weight * mse
+        if self.logits_weight > 0:
+            kl = logits_kl(student["logits"], teacher["logits"], mask, self.logits_temperature)
+            loss = loss + self.logits_weight * kl
+        return loss
+
+
+def masked_mse(student: torch.Tensor, teacher: torch.Tensor, mask: torch.Tensor | None) -> torch.Tensor:
+    """Mean squared error of `(B, N, H)` hidden states over the tokens where `mask` `(B, N)` is nonzero.
+
+    Averaged over the hidden size, then over real tokens, in float32 (bf16 squares lose most of their digits).
+    """
+    per_token = (student.float() - teacher.float()).pow(2).mean(dim=-1)
+    if mask is None:
+        return per_token.mean()
+    weights = mask[:, -per_token.shape[1] :].to(per_token.dtype)
+    return (per_token * weights).sum() / weights.sum().clamp(min=1)
+
+
+def logits_kl(
+    student: torch.Tensor, teacher: torch.Tensor, mask: torch.Tensor | None, temperature: float = 1.0
+) -> torch.Tensor:
+    """KL(teacher || student) of softened logits, times T^2 so its gradients keep their scale as T changes.
+
+    `(B, C)` logits are averaged over the batch; `(B, N, V)` logits over the tokens where `mask` `(B, N)` is nonzero.
+    """
+    log_p_student = F.log_softmax(student.float() / temperature, dim=-1)
+    log_p_teacher = F.log_softmax(teacher.float() / temperature, dim=-1)
+    per_row = (log_p_teacher.exp() * (log_p_teacher - log_p_student)).sum(dim=-1) * temperature**2
+    if per_row.dim() == 1 or mask is None:
+        return per_row.mean()
+    weights = mask[:, -per_row.shape[1] :].to(per_row.dtype)
+    return (per_row * weights).sum() / weights.sum().clamp(min=1)
+
+
+def _hidden_states(outputs: Any) -> tuple[torch.Tensor, ...]:
+    # Encoder-decoders compress their encoder only, so the encoder's states are the ones to match.
+    states = outputs.get("encoder_hidden_states") or outputs.get("hidden_states")
+    if states is None:
+        raise ValueError(
+            f"{type(outputs).__name__} has no hidden states although the model was called with "
+            "`output_hidden_states=True`; VariatorTrainer needs them for the distillation loss."
+        )
+    return states
+
+
+def _first_tensor(outputs: Any) -> torch.Tensor:
+    return next(value for value in outputs.values() if isinstance(value, torch.Tensor))
+
+
+def _variator_peft_model(model: Any) -> PeftModel:
+    if not isinstance(model, PeftModel) or not any(isinstance(c, VariatorConfig) for c in model.peft_config.values()):
+        raise ValueError(
+            "VariatorTrainer trains Variator plugins: pass `model=get_peft_model(model, VariatorConfig(...))`, got "
+            f"{type(model).__name__}."
+        )
+    return model
+
+
+def _trained_adapters(model: Any, ratios_adapters: list[str] | None) -> list[str]:
+    peft_model = _variator_peft_model(model)
+    variator_adapters = sorted(n for n, c in peft_model.peft_config.items() if isinstance(c, VariatorConfig))
+    if ratios_adapters is None:
+        return [peft_model.active_adapter]
+    if isinstance(ratios_adapters, str) or not ratios_adapters or len(set(ratios_adapters)) != len(ratios_adapters):
+        raise ValueError(f"`ratios_adapters` must be a non-empty list of distinct adapter names, got {ratios_adapters!r}.")
+    unknown = [name for name in ratios_adapters if name not in variator_adapters]
+    if unknown:
+        raise ValueError(
+            f"`ratios_adapters` names {unknown}, which are not Variator adapters of this model; "
+            f"loaded Variator adapters: {variator_adapters}. Add them first with `model.add_adapter(name, config)`."
+        )
+    return list(ratios_adapters)
+
+
+def _set_trainable(model: nn.Module, adapters: list[str]) -> None:
+    """Plugin and `modules_to_save` weights of `adapters` require gradients; those of every other adapter do not."""
+    for name, parameter in model.named_parameters():
+        if PREFIX in name or ".modules_to_save." in name:
+            parameter.requires_grad = any(f".{adapter}." in name for adapter in adapters)
+
+
+def _compressed_layers(model: PeftModel, adapter: str) -> list[int]:
+    """Indices of the transformer layers whose FFN has a plugin of `adapter`, in order."""
+    pattern = model.peft_config[adapter].layers_pattern
+    indices = {
+        _layer_index(name, pattern)
+        for name, module in model.named_modules()
+        if isinstance(module, VariatorLayer) and adapter in module.ratio
+    }
+    return [] if None in indices else sorted(indices)
+
+
+def _is_causal_lm(model: PeftModel) -> bool:
+    if any(str(config.task_type) == "CAUSAL_LM" for config in model.peft_config.values()):
+        return True
+    return type(model.get_base_model()).__name__ in MODEL_FOR_CAUSAL_LM_MAPPING_NAMES.values()

@@ -1,0 +1,54 @@
+"""VariatorConfig: defaults, validation with errors that name the field, and JSON round-trip."""
+
+import pytest
+from peft import PeftConfig
+from peft.utils import PeftType
+
+from peft_variator import VARIATOR, VariatorConfig
+
+
+def test_defaults_follow_the_paper():
+    config = VariatorConfig()
+    assert config.ratio == 4
+    assert config.adapter_dim == 64
+    assert config.peft_type == VARIATOR == PeftType.VARIATOR
+
+
+@pytest.mark.parametrize(
+    ("kwargs", "field"),
+    [
+        ({"ratio": 1}, "ratio"),
+        ({"ratio": 0}, "ratio"),
+        ({"ratio": 2.5}, "ratio"),
+        ({"ratio": "4"}, "ratio"),
+        ({"ratio": True}, "ratio"),
+        ({"adapter_dim": 0}, "adapter_dim"),
+        ({"adapter_dim": 3.5}, "adapter_dim"),
+        ({"target_modules": []}, "target_modules"),
+        ({"target_modules": 3}, "target_modules"),
+        ({"layers_to_transform": -1}, "layers_to_transform"),
+        ({"layers_to_transform": [0, "1"]}, "layers_to_transform"),
+        ({"layers_pattern": "layers"}, "layers_pattern"),
+    ],
+)
+def test_bad_values_raise_naming_the_field(kwargs, field):
+    with pytest.raises(ValueError, match=f"`{field}`"):
+        VariatorConfig(**kwargs)
+
+
+def test_integral_float_ratio_is_accepted_as_int():
+    assert VariatorConfig(ratio=8.0).ratio == 8
+
+
+def test_config_round_trips_through_json(tmp_path):
+    config = VariatorConfig(ratio=8, adapter_dim=32, layers_to_transform=[0, 2], modules_to_save=["classifier"])
+    config.save_pretrained(tmp_path)
+    loaded = PeftConfig.from_pretrained(tmp_path)
+    assert isinstance(loaded, VariatorConfig)
+    assert (loaded.ratio, loaded.adapter_dim, loaded.layers_to_transform, loaded.modules_to_save) == (
+        8,
+        32,
+        [0, 2],
+        ["classifier"],
+    )
+    assert loaded.peft_type == VARIATOR

@@ -1,0 +1,274 @@
+"""Variator through the ordinary PEFT API, as a PEFT user writes it."""
+
+from __future__ import annotations
+
+import json
+import os
+
+import pytest
+import torch
+from conftest import randomize_plugins
+from peft import (
+    AutoPeftModelForSequenceClassification,
+    PeftConfig,
+    PeftModel,
+    get_peft_model,
+    get_peft_model_state_dict,
+    set_peft_model_state_dict,
+)
+from safetensors.torch import load_file
+from transformers import AutoModelForSequenceClassification, BertConfig, BertForSequenceClassification, BertModel
+
+from peft_variator import VariatorConfig
+from peft_variator.layer import VariatorLayer
+
+
+def tiny_bert_config() -> BertConfig:
+    return BertConfig(
+        vocab_size=100, hidden_size=32, num_hidden_layers=3, num_attention_heads=4, intermediate_size=64, num_labels=3
+    )
+
+
+def tiny_bert() -> BertModel:
+    return BertModel(tiny_bert_config()).eval()
+
+
+def inputs(batch: int = 2, seq_len: int = 11) -> dict[str, torch.Tensor]:
+    ids = torch.randint(1, 100, (batch, seq_len))
+    mask = torch.ones_like(ids)
+    mask[0, 7:] = 0
+    return {"input_ids": ids, "attention_mask": mask}
+
+
+def hidden(model, batch) -> torch.Tensor:
+    with torch.no_grad():
+        return model(**batch).last_hidden_state
+
+
+def test_get_peft_model_wraps_every_ffn_and_freezes_the_base():
+    model = get_peft_model(tiny_bert(), VariatorConfig(ratio=4))
+    wrapped = [name for name, module in model.named_modules() if isinstance(module, VariatorLayer)]
+    # BERT's FFN is split: `intermediate` compresses, `output.dense` decompresses, in each of the 3 layers.
+    assert len(wrapped) == 6
+    assert all(name.endswith(("intermediate", "output.dense")) and "attention" not in name for name in wrapped)
+    trainable = {name for name, p in model.named_parameters() if p.requires_grad}
+    assert trainable and all("variator_" in name for name in trainable)
+
+
+def test_print_trainable_parameters_counts_only_plugins(capsys):
+    model = get_peft_model(tiny_bert(), VariatorConfig(ratio=4, adapter_dim=8))
+    model.print_trainable_parameters()
+    # Per layer: score (4*32 -> 4) + adapter (32 -> 8, 32 -> 8 no bias, 8 -> 32).
+    per_layer = (4 * 32 * 4 + 4) + (32 * 8 + 8) + 32 * 8 + (8 * 32 + 32)
+    assert f"trainable params: {3 * per_layer:,}" in capsys.readouterr().out
+
+
+def test_untrained_plugin_starts_close_to_the_base_model():
+    base = tiny_bert()
+    batch = inputs()
+    reference = hidden(base, batch)
+    model = get_peft_model(base, VariatorConfig(ratio=2))
+    compressed = hidden(model, batch)
+    assert not torch.equal(compressed, reference)
+    cosine = torch.nn.functional.cosine_similarity(compressed, reference, dim=-1)
+    assert cosine[batch["attention_mask"].bool()].mean() > 0.8
+
+
+def test_disable_adapter_gives_exactly_the_base_outputs():
+    base = tiny_bert()
+    batch = inputs()
+    reference = hidden(base, batch)
+    model = get_peft_model(base, VariatorConfig(ratio=4))
+    randomize_plugins(model)
+    with model.disable_adapter():
+        assert torch.equal(hidden(model, batch), reference)
+    assert not torch.allclose(hidden(model, batch), reference)
+
+
+def test_save_pretrained_writes_only_plugin_weights_and_round_trips(tmp_path):
+    model = get_peft_model(tiny_bert(), VariatorConfig(ratio=4, adapter_dim=8))
+    randomize_plugins(model)
+    batch = inputs()
+    expected = hidden(model, batch)
+    model.save_pretrained(tmp_path)
+
+    assert sorted(os.listdir(tmp_path)) == ["README.md", "adapter_config.json", "adapter_model.safetensors"]
+    saved = load_file(tmp_path / "adapter_model.safetensors")
+    assert saved and all("variator_" in key for key in saved)
+    assert json.loads((tmp_path / "adapter_config.json").read_text())["peft_type"] == "VARIATOR"
+
+    loaded = PeftModel.from_pretrained(tiny_bert_with_same_weights(model), tmp_path)
+    assert isinstance(PeftConfig.from_pretrained(tmp_path), VariatorConfig)
+    torch.testing.assert_close(hidden(loaded, batch), expected)
+
+
+def tiny_bert_with_same_weights(peft_model) -> BertModel:
+    fresh = tiny_bert()
+    with peft_model.disable_adapter():
+        base_state = {k: v for k, v in peft_model.get_base_model().state_dict().items() if "variator_" not in k}
+    fresh.load_state_dict({k.replace(".base_layer", ""): v for k, v in base_state.items()})
+    return fresh
+
+
+def test_state_dict_helpers_find_every_plugin_tensor():
+    model = get_peft_model(tiny_bert(), VariatorConfig(ratio=4))
+    randomize_plugins(model)
+    state = get_peft_model_state_dict(model)
+    assert len(state) == 3 * (2 + 5)  # per layer: score weight+bias, adapter 5 tensors
+    other = get_peft_model(tiny_bert(), VariatorConfig(ratio=4))
+    set_peft_model_state_dict(other, state)
+    for key, value in get_peft_model_state_dict(other).items():
+        torch.testing.assert_close(value, state[key])
+
+
+def test_classification_head_is_saved_and_restored_with_the_adapter(tmp_path, minilm_path):
+    base = AutoModelForSequenceClassification.from_pretrained(minilm_path, num_labels=3)
+    model = get_peft_model(base, VariatorConfig(ratio=4, task_type="SEQ_CLS"))
+    with torch.no_grad():
+        model.base_model.model.classifier.modules_to_save["default"].weight.normal_()
+    randomize_plugins(model)
+    model.eval()
+    batch = inputs()
+    expected = model(**batch).logits.detach()
+    model.save_pretrained(tmp_path)
+    assert any(key.startswith("base_model.model.classifier") for key in load_file(tmp_path / "adapter_model.safetensors"))
+
+    # The base checkpoint has a 2-label head; the number of labels is the user's to pass, as with any PEFT method.
+    reloaded = AutoPeftModelForSequenceClassification.from_pretrained(tmp_path, num_labels=3).eval()
+    with torch.no_grad():
+        torch.testing.assert_close(reloaded(**batch).logits, expected)
+
+
+def test_several_ratios_switch_at_run_time(tmp_path):
+    model = get_peft_model(tiny_bert(), VariatorConfig(ratio=2), adapter_name="ratio2")
+    model.add_adapter("ratio8", VariatorConfig(ratio=8))
+    randomize_plugins(model)
+    batch = inputs(seq_len=16)
+    out2 = hidden(model, batch)
+    model.set_adapter("ratio8")
+    assert model.active_adapter == "ratio8"
+    out8 = hidden(model, batch)
+    assert not torch.allclose(out2, out8)
+    model.set_adapter("ratio2")
+    torch.testing.assert_close(hidden(model, batch), out2)
+
+    model.save_pretrained(tmp_path)
+    assert (tmp_path / "ratio8" / "adapter_model.safetensors").exists()
+    fresh = PeftModel.from_pretrained(tiny_bert_with_same_weights(model), tmp_path / "ratio8", adapter_name="ratio8")
+    torch.testing.assert_close(hidden(fresh, batch), out8)
+    fresh.load_adapter(tmp_path / "ratio2", adapter_name="ratio2")
+    fresh.set_adapter("ratio2")
+    torch.testing.assert_close(hidden(fresh, batch), out2)
+
+
+def test_set_adapter_copies_no_weights():
+    model = get_peft_model(tiny_bert(), VariatorConfig(ratio=2), adapter_name="ratio2")
+    model.add_adapter("ratio4", VariatorConfig(ratio=4))
+    storage = {name: p.data_ptr() for name, p in model.named_parameters()}
+    for name in ["ratio4", "ratio2", "ratio4"]:
+        model.set_adapter(name)
+    assert {name: p.data_ptr() for name, p in model.named_parameters()} == storage
+
+
+def test_two_active_adapters_are_refused():
+    model = get_peft_model(tiny_bert(), VariatorConfig(ratio=2), adapter_name="ratio2")
+    model.add_adapter("ratio4", VariatorConfig(ratio=4))
+    with pytest.raises(ValueError, match="exactly one adapter"):
+        model.base_model.set_adapter(["ratio2", "ratio4"])
+
+
+def test_unknown_adapter_name_raises_and_leaves_the_model_as_it_was():
+    model = get_peft_model(tiny_bert(), VariatorConfig(ratio=2), adapter_name="ratio2")
+    model.add_adapter("ratio4", VariatorConfig(ratio=4))
+    randomize_plugins(model)
+    batch = inputs()
+    before = hidden(model, batch)
+    with pytest.raises(ValueError, match="ratio3"):
+        model.set_adapter("ratio3")
+    assert model.active_adapter == "ratio2"
+    torch.testing.assert_close(hidden(model, batch), before)
+
+
+def test_delete_adapter_removes_its_plugins():
+    model = get_peft_model(tiny_bert(), VariatorConfig(ratio=2), adapter_name="ratio2")
+    model.add_adapter("ratio4", VariatorConfig(ratio=4))
+    model.delete_adapter("ratio4")
+    assert list(model.peft_config) == ["ratio2"]
+    assert not any("ratio4" in name for name, _ in model.named_parameters())
+
+
+def test_unload_returns_the_untouched_base_model():
+    base = tiny_bert()
+    batch = inputs()
+    reference, keys = hidden(base, batch), set(base.state_dict())
+    model = get_peft_model(base, VariatorConfig(ratio=4))
+    randomize_plugins(model)
+    restored = model.unload()
+    assert set(restored.state_dict()) == keys
+    assert not any(isinstance(module, VariatorLayer) for module in restored.modules())
+    assert not restored._forward_pre_hooks
+    assert torch.equal(hidden(restored, batch), reference)
+
+
+def test_merge_and_unload_explains_why_not_and_points_to_unload():
+    model = get_peft_model(tiny_bert(), VariatorConfig(ratio=4))
+    with pytest.raises(ValueError, match="unload()"):
+        model.merge_and_unload()
+    with pytest.raises(ValueError, match="cannot be folded"):
+        model.merge_adapter()
+
+
+def test_layers_to_transform_selects_layers_even_with_default_regex_targets():
+    model = get_peft_model(tiny_bert(), VariatorConfig(ratio=4, layers_to_transform=[1]))
+    wrapped = sorted(name for name, module in model.named_modules() if isinstance(module, VariatorLayer))
+    assert wrapped == [
+        "base_model.model.encoder.layer.1.intermediate",
+        "base_model.model.encoder.layer.1.output.dense",
+    ]
+
+
+def test_push_to_hub_uploads_the_adapter_and_a_card_naming_method_ratio_and_base(monkeypatch, tmp_path, minilm_path):
+    from huggingface_hub import ModelCard
+    from huggingface_hub.errors import EntryNotFoundError
+    from transformers.utils import hub
+
+    uploads = {}
+
+    class OfflineApi:
+        def create_repo(self, repo_id, **kwargs):
+            return type("Repo", (), {"repo_id": repo_id})()
+
+        def create_commit(self, repo_id, operations, **kwargs):
+            for operation in operations:
+                with open(operation.path_or_fileobj, "rb") as handle:
+                    uploads[operation.path_in_repo] = handle.read()
+            return "committed"
+
+    read_local_card = ModelCard.load
+
+    def load_card(repo_id_or_path, **kwargs):
+        if os.path.exists(repo_id_or_path):
+            return read_local_card(repo_id_or_path, **kwargs)
+        raise EntryNotFoundError("no card on the Hub yet")
+
+    monkeypatch.setattr(hub, "hf_api", lambda: OfflineApi())
+    monkeypatch.setattr(ModelCard, "load", staticmethod(load_card))
+
+    base = AutoModelForSequenceClassification.from_pretrained(minilm_path, num_labels=3)
+    model = get_peft_model(base, VariatorConfig(ratio=4, task_type="SEQ_CLS"))
+    model.add_adapter("ratio8", VariatorConfig(ratio=8, task_type="SEQ_CLS"))
+    assert model.push_to_hub("me/minilm-variator") == "committed"
+
+    assert sorted(uploads) == [
+        "README.md",
+        "adapter_config.json",
+        "adapter_model.safetensors",
+        "ratio8/adapter_config.json",
+        "ratio8/adapter_model.safetensors",
+    ]
+    assert len(uploads["adapter_model.safetensors"]) < 2_000_000  # plugins + head, not the 90 MB model
+    card = uploads["README.md"].decode()
+    assert "library_name: peft" in card
+    assert f"base_model: {minilm_path}" in card
+    assert "- variator" in card and "- variator-ratio-4" in card and "- variator-ratio-8" in card
+    assert "| `ratio8` | 8 |" in card and "| `default` | 4 |" in card

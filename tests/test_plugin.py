@@ -1,0 +1,122 @@
+"""The plugin math on its own: shapes, the untrained starting point, padding, short sequences."""
+
+import torch
+
+from peft_variator.plugin import DecompressionAdapter, compress, decompress, init_score, plan_groups
+
+B, N, H = 3, 10, 8
+
+
+def make_plugin(ratio: int, adapter_dim: int = 4, random: bool = True):
+    score, adapter = init_score(ratio, H), DecompressionAdapter(H, adapter_dim)
+    if random:
+        with torch.no_grad():
+            for parameter in [*score.parameters(), *adapter.parameters()]:
+                parameter.normal_(0.0, 0.3)
+    return score, adapter
+
+
+def test_compress_shortens_the_sequence_by_the_ratio_rounding_up():
+    hidden = torch.randn(B, N, H)
+    layout = plan_groups(N, 4)
+    assert compress(hidden, layout, make_plugin(4)[0]).shape == (B, 3, H)
+    assert compress(torch.randn(B, 12, H), plan_groups(12, 4)).shape == (B, 3, H)
+
+
+def test_untrained_plugin_is_average_pooling_then_repetition():
+    hidden = torch.randn(B, 12, H)
+    layout = plan_groups(12, 4)
+    score, adapter = make_plugin(4, random=False)
+    compressed = compress(hidden, layout, score)
+    torch.testing.assert_close(compressed, hidden.view(B, 3, 4, H).mean(dim=2))
+    restored = decompress(compressed, hidden, layout, adapter)
+    torch.testing.assert_close(restored, compressed.repeat_interleave(4, dim=1))
+
+
+def test_compressed_vector_is_a_convex_combination_of_its_group():
+    hidden = torch.randn(1, 4, H)
+    score, _ = make_plugin(4)
+    layout = plan_groups(4, 4)
+    groups = hidden.view(1, 1, 4, H)
+    weights = score(groups.reshape(1, 1, 4 * H)).softmax(-1)
+    torch.testing.assert_close(compress(hidden, layout, score), (weights.unsqueeze(-1) * groups).sum(2))
+
+
+def test_decompression_adds_a_per_token_correction():
+    hidden = torch.randn(B, 8, H)
+    layout = plan_groups(8, 4)
+    score, adapter = make_plugin(4)
+    ffn_output = torch.randn(B, 2, H)
+    restored = decompress(ffn_output, hidden, layout, adapter)
+    repeated = ffn_output.repeat_interleave(4, dim=1)
+    assert not torch.allclose(restored, repeated)
+    # The correction depends on each token's own input: tokens of one group differ.
+    assert not torch.allclose(restored[:, 0], restored[:, 1])
+
+
+def run_plugin(hidden, ratio, mask=None, seed_plugin=None):
+    score, adapter = seed_plugin
+    layout = plan_groups(hidden.shape[1], ratio, mask)
+    # A stand-in FFN that mixes features, so errors in grouping show up.
+    ffn = torch.nn.Sequential(torch.nn.Linear(H, 16), torch.nn.GELU(), torch.nn.Linear(16, H))
+    torch.manual_seed(1)
+    for parameter in ffn.parameters():
+        torch.nn.init.normal_(parameter, std=0.3)
+    return decompress(ffn(compress(hidden, layout, score)), hidden, layout, adapter)
+
+
+def test_padding_side_and_amount_do_not_change_real_token_outputs():
+    plugin = make_plugin(4)
+    lengths = [7, 3, 10]
+    sequences = [torch.randn(1, n, H) for n in lengths]
+    alone = [run_plugin(seq, 4, seed_plugin=plugin) for seq in sequences]
+    for side in ("right", "left"):
+        for width in (10, 13):
+            batch = torch.full((3, width, H), 1e4)  # loud padding: it must not leak anywhere
+            mask = torch.zeros(3, width, dtype=torch.long)
+            for row, seq in enumerate(sequences):
+                n = seq.shape[1]
+                span = slice(0, n) if side == "right" else slice(width - n, width)
+                batch[row, span], mask[row, span] = seq[0], 1
+            out = run_plugin(batch, 4, mask, seed_plugin=plugin)
+            assert torch.isfinite(out).all()
+            for row, expected in enumerate(alone):
+                torch.testing.assert_close(out[row][mask[row].bool()], expected[0], atol=1e-5, rtol=1e-5)
+
+
+def test_padded_slots_get_zero_weight():
+    hidden = torch.randn(1, 6, H)
+    mask = torch.tensor([[1, 1, 1, 1, 1, 0]])
+    layout = plan_groups(6, 4, mask)
+    assert layout.slot_valid.tolist() == [[[True] * 4, [True, False, False, False]]]
+    score, _ = make_plugin(4)
+    hidden_with_other_pad = hidden.clone()
+    hidden_with_other_pad[0, 5] = 123.0
+    torch.testing.assert_close(compress(hidden, layout, score), compress(hidden_with_other_pad, layout, score))
+
+
+def test_fully_padded_rows_and_short_sequences_are_finite():
+    hidden = torch.randn(2, 3, H)
+    mask = torch.tensor([[1, 1, 0], [0, 0, 0]])
+    out = run_plugin(hidden, 8, mask, seed_plugin=make_plugin(8))
+    assert out.shape == (2, 3, H)
+    assert torch.isfinite(out).all()
+
+
+def test_a_token_alone_in_its_group_gets_the_exact_ffn_output():
+    # 9 tokens at ratio 4: the 9th is alone in the third group, so it is not compressed and gets no correction.
+    hidden = torch.randn(1, 9, H)
+    score, adapter = make_plugin(4)
+    layout = plan_groups(9, 4)
+    compressed = compress(hidden, layout, score)
+    torch.testing.assert_close(compressed[0, 2], hidden[0, 8])
+    restored = decompress(compressed, hidden, layout, adapter)
+    torch.testing.assert_close(restored[0, 8], compressed[0, 2])
+
+
+def test_sequence_shorter_than_ratio_forms_one_group():
+    hidden = torch.randn(2, 3, H)
+    layout = plan_groups(3, 8)
+    assert layout.num_groups == 1
+    compressed = compress(hidden, layout)
+    torch.testing.assert_close(compressed[:, 0], hidden.mean(dim=1))
