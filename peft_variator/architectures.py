@@ -17,40 +17,22 @@ class FFNLocation:
 
     Attributes:
         layers: regex of the path of one transformer layer that holds an FFN to compress.
-        ffn: the whole FFN module, relative to the layer (e.g. `"mlp"`); or, for FFNs split in two modules,
-        ffn_input / ffn_output: the half that reads the hidden states (hidden -> intermediate) and the half that writes
-            them (intermediate -> hidden).
+        modules: the FFN module relative to the layer (e.g. `("mlp",)`), or, for FFNs split over two modules, the
+            half that reads the hidden states and the half that writes them (e.g. `("intermediate", "output.dense")`).
     """
 
     layers: str
-    ffn: str | None = None
-    ffn_input: str | None = None
-    ffn_output: str | None = None
-
-    @property
-    def is_split(self) -> bool:
-        return self.ffn is None
+    modules: tuple[str, ...]
 
     def target_modules(self) -> str:
         """A regex matching the full names of the modules to wrap."""
-        names = [self.ffn] if self.ffn is not None else [self.ffn_input, self.ffn_output]
-        alternatives = "|".join(re.escape(name) for name in names)
+        alternatives = "|".join(re.escape(name) for name in self.modules)
         return rf"(?:.*\.)?{self.layers}\.(?:{alternatives})"
 
-    def role(self, module_name: str) -> str:
-        """`"ffn"`, `"input"` or `"output"`: what part of the FFN the module named `module_name` is."""
-        if self.is_split:
-            return "input" if module_name.endswith("." + self.ffn_input) or module_name == self.ffn_input else "output"
-        return "ffn"
 
-    def partner(self, output_name: str) -> str:
-        """For the output half of a split FFN, the full name of its input half."""
-        return output_name[: -len(self.ffn_output)] + self.ffn_input
-
-
-_BERT_STYLE = FFNLocation(layers=r"encoder\.layer\.\d+", ffn_input="intermediate", ffn_output="output.dense")
-_T5_ENCODER = FFNLocation(layers=r"encoder\.block\.\d+\.layer\.1", ffn="DenseReluDense")
-_DECODER_MLP = FFNLocation(layers=r"layers\.\d+", ffn="mlp")
+_BERT_STYLE = FFNLocation(layers=r"encoder\.layer\.\d+", modules=("intermediate", "output.dense"))
+_T5_ENCODER = FFNLocation(layers=r"encoder\.block\.\d+\.layer\.1", modules=("DenseReluDense",))
+_DECODER_MLP = FFNLocation(layers=r"layers\.\d+", modules=("mlp",))
 
 FFN_LOCATIONS: dict[str, FFNLocation] = {
     # Encoders (all-MiniLM-L6-v2 is a BERT).
@@ -58,7 +40,7 @@ FFN_LOCATIONS: dict[str, FFNLocation] = {
     "roberta": _BERT_STYLE,
     "xlm-roberta": _BERT_STYLE,
     "electra": _BERT_STYLE,
-    "distilbert": FFNLocation(layers=r"transformer\.layer\.\d+", ffn="ffn"),
+    "distilbert": FFNLocation(layers=r"transformer\.layer\.\d+", modules=("ffn",)),
     # Encoder-decoders, as in the paper: encoder FFNs only, the decoder runs uncompressed.
     "t5": _T5_ENCODER,
     "mt5": _T5_ENCODER,
@@ -66,8 +48,56 @@ FFN_LOCATIONS: dict[str, FFNLocation] = {
     "llama": _DECODER_MLP,
     "mistral": _DECODER_MLP,
     "qwen2": _DECODER_MLP,
-    "gpt2": FFNLocation(layers=r"h\.\d+", ffn="mlp"),
+    "gpt2": FFNLocation(layers=r"h\.\d+", modules=("mlp",)),
 }
+
+
+def ffn_role(module: nn.Module, hidden_size: int | None) -> str | None:
+    """What part of an FFN `module` is, from its linear layers: `"ffn"` (hidden -> I -> hidden, the whole FFN),
+    `"input"` (hidden -> I, the first half of a split FFN), `"output"` (I -> hidden, the second half), or None."""
+    shapes = linear_shapes(module)
+    if not shapes:
+        return None
+    first_in, last_out = shapes[0][0], shapes[-1][1]
+    widens = any(inp == first_in and out != first_in for inp, out in shapes)
+    if first_in == last_out and widens and (hidden_size is None or first_in == hidden_size):
+        return "ffn"
+    if hidden_size is not None and first_in == hidden_size and last_out != hidden_size:
+        return "input"
+    if hidden_size is not None and last_out == hidden_size and first_in != hidden_size:
+        return "output"
+    return None
+
+
+def pair_split_halves(inputs: list[str], outputs: list[str]) -> dict[str, str]:
+    """Match each output half of a split FFN to its input half: the one input half inside the nearest ancestor that
+    holds any (BERT: `layer.3.intermediate` for `layer.3.output.dense`; OPT: `layers.3.fc1` for `layers.3.fc2`).
+
+    Raises ValueError naming the module when a half has no partner, so no model is left half-converted.
+    """
+    pairs: dict[str, str] = {}
+    for output in outputs:
+        ancestor, partner = output, None
+        while "." in ancestor and partner is None:
+            ancestor = ancestor.rpartition(".")[0]
+            near = [name for name in inputs if name.startswith(ancestor + ".")]
+            if len(near) > 1:
+                break
+            partner = near[0] if near else None
+        if partner is None or partner in pairs.values():
+            raise ValueError(
+                f"{output!r} is the second half of a split FFN (intermediate -> hidden) without a first half "
+                "(hidden -> intermediate) targeted next to it. Target both halves of each FFN, or a module holding "
+                "the whole FFN."
+            )
+        pairs[output] = partner
+    unpaired = sorted(set(inputs) - set(pairs.values()))
+    if unpaired:
+        raise ValueError(
+            f"{unpaired[0]!r} maps hidden -> intermediate only: it is half an FFN, and its second half (intermediate "
+            "-> hidden) is not targeted. Target the module holding the whole FFN (e.g. `mlp`), or both halves."
+        )
+    return pairs
 
 
 def linear_shapes(module: nn.Module) -> list[tuple[int, int]]:
@@ -89,8 +119,9 @@ def find_ffns(model: nn.Module, hidden_size: int, within: nn.Module | None = Non
 
     An FFN is the smallest module whose linear layers all map hidden -> I or I -> hidden for one intermediate size
     I != hidden, with at least one of each: e.g. Llama's `mlp` (gate, up, down) but not the decoder layer around it,
-    which also holds attention projections. With `within`, only modules inside it are searched (the encoder of an
-    encoder-decoder model).
+    which also holds attention projections. Where a layer holds the two FFN linears directly (OPT's fc1 / fc2), both
+    are returned, as the two halves of a split FFN. With `within`, only modules inside it are searched (the encoder
+    of an encoder-decoder model).
     """
     scope = {id(m) for m in within.modules()} if within is not None else None
     found: list[str] = []
@@ -99,13 +130,30 @@ def find_ffns(model: nn.Module, hidden_size: int, within: nn.Module | None = Non
             continue
         if any(name.startswith(prefix + ".") for prefix in found):
             continue
-        if _is_whole_ffn(module, hidden_size) and not any(
-            _is_whole_ffn(child, hidden_size) for child in module.children()
-        ):
-            found.append(name)
+        if _is_whole_ffn(module, hidden_size):
+            if not any(_is_whole_ffn(child, hidden_size) for child in module.children()):
+                found.append(name)
+        else:
+            found.extend(f"{name}.{half}" for half in _split_ffn_halves(module, hidden_size))
     if found:
         logger.info("Variator found %d FFNs by structure: %s", len(found), ", ".join(found))
     return found
+
+
+def _split_ffn_halves(module: nn.Module, hidden_size: int) -> list[str]:
+    """Names of a layer's two linear children forming an FFN (hidden -> I, I -> hidden), as in OPT's fc1 / fc2."""
+    halves = {}
+    for child_name, child in module.named_children():
+        shapes = linear_shapes(child) if not list(child.children()) else []
+        if len(shapes) == 1:
+            halves.setdefault(shapes[0], []).append(child_name)
+    widening = [shape for shape in halves if shape[0] == hidden_size and shape[1] != hidden_size]
+    if len(widening) != 1 or len(halves[widening[0]]) != 1:
+        return []
+    narrowing = halves.get((widening[0][1], hidden_size), [])
+    if len(narrowing) != 1:
+        return []
+    return [halves[widening[0]][0], narrowing[0]]
 
 
 def _is_whole_ffn(module: nn.Module, hidden_size: int) -> bool:

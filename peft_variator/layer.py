@@ -69,6 +69,11 @@ class VariatorLayer(nn.Module, BaseTunerLayer):
     def _layout(self, hidden: torch.Tensor, adapter_name: str) -> GroupLayout | None:
         """The group layout for `hidden` (B, N, H), or None when nothing is compressed (a single token per row,
         as in every cached decoding step)."""
+        if hidden.dim() != 3:
+            raise ValueError(
+                f"Variator expects FFN inputs of shape (batch, seq_len, hidden), got {tuple(hidden.shape)}: this "
+                "architecture flattens the tokens before its FFN, which Variator does not support yet."
+            )
         batch, seq_len = hidden.shape[:2]
         if seq_len == 1:
             return None
@@ -86,15 +91,7 @@ class VariatorFFN(VariatorLayer):
     def __init__(
         self, base_layer: nn.Module, adapter_name: str, config: VariatorConfig, padding: PaddingContext
     ) -> None:
-        shapes = linear_shapes(base_layer)
-        hidden_size = shapes[0][0] if shapes else None
-        if hidden_size is None or shapes[-1][1] != hidden_size:
-            raise ValueError(
-                f"Variator needs each target module to be a whole FFN (hidden -> intermediate -> hidden), but "
-                f"{type(base_layer).__name__} has linear layers {shapes}. Pass the module that contains the whole "
-                "FFN in `target_modules`."
-            )
-        super().__init__(base_layer, padding, hidden_size)
+        super().__init__(base_layer, padding, linear_shapes(base_layer)[0][0])
         self.variator_compressor = nn.ModuleDict()
         self.variator_decompressor = nn.ModuleDict()
         self._active_adapter = adapter_name
@@ -144,10 +141,7 @@ class VariatorFFNInput(VariatorLayer):
         padding: PaddingContext,
         state: SplitFFNState,
     ) -> None:
-        shapes = linear_shapes(base_layer)
-        if not shapes:
-            raise ValueError(f"{type(base_layer).__name__} has no linear layer to read the hidden size from.")
-        super().__init__(base_layer, padding, shapes[0][0])
+        super().__init__(base_layer, padding, linear_shapes(base_layer)[0][0])
         self.state = state
         self.variator_compressor = nn.ModuleDict()
         self._active_adapter = adapter_name
@@ -179,10 +173,7 @@ class VariatorFFNOutput(VariatorLayer):
         padding: PaddingContext,
         state: SplitFFNState,
     ) -> None:
-        shapes = linear_shapes(base_layer)
-        if not shapes:
-            raise ValueError(f"{type(base_layer).__name__} has no linear layer to read the hidden size from.")
-        super().__init__(base_layer, padding, shapes[-1][1])
+        super().__init__(base_layer, padding, linear_shapes(base_layer)[-1][1])
         self.state = state
         self.variator_decompressor = nn.ModuleDict()
         self._active_adapter = adapter_name

@@ -7,7 +7,7 @@ import re
 from peft.tuners.tuners_utils import BaseTuner, check_target_module_exists
 from torch import nn
 
-from .architectures import FFN_LOCATIONS, FFNLocation, find_ffns, hidden_size_of
+from .architectures import FFN_LOCATIONS, ffn_role, find_ffns, hidden_size_of, linear_shapes, pair_split_halves
 from .config import VariatorConfig
 from .layer import SplitFFNState, VariatorFFN, VariatorFFNInput, VariatorFFNOutput, VariatorLayer
 from .padding import detach_padding_context, padding_context
@@ -80,7 +80,32 @@ class VariatorModel(BaseTuner):
                     "`VariatorConfig(target_modules=['mlp'])`."
                 )
             peft_config.target_modules = found
+        self._split_pairs = self._plan_targets(peft_config, model)
         padding_context(model)
+
+    def _plan_targets(self, peft_config: VariatorConfig, model: nn.Module) -> dict[str, str]:
+        """Check every matched module before anything is replaced, and pair the halves of split FFNs."""
+        hidden_size = hidden_size_of(self.get_model_config(model))
+        roles: dict[str, list[str]] = {"input": [], "output": []}
+        wrapped: list[str] = []
+        for key, module in model.named_modules():
+            if not key or any(key.startswith(prefix) for prefix in wrapped):
+                continue
+            if isinstance(module, VariatorLayer):
+                wrapped.append(key + ".")
+                module = module.get_base_layer()
+            if not self._check_target_module_exists(peft_config, key):
+                continue
+            role = ffn_role(module, hidden_size)
+            if role is None:
+                raise ValueError(
+                    f"Variator targets must be FFNs (hidden -> intermediate -> hidden), but {key!r} "
+                    f"({type(module).__name__}) has linear layers {linear_shapes(module)}. Pass the module holding "
+                    "the whole FFN in `target_modules`."
+                )
+            if role in roles:
+                roles[role].append(key)
+        return pair_split_halves(roles["input"], roles["output"])
 
     @staticmethod
     def _check_target_module_exists(peft_config: VariatorConfig, key: str):
@@ -105,32 +130,17 @@ class VariatorModel(BaseTuner):
             target.update_layer(adapter_name, peft_config)
             return
         padding = padding_context(self.model)
-        location = self._ffn_location(peft_config)
-        role = location.role(current_key) if location is not None else "ffn"
-        if role == "ffn":
-            new_module = VariatorFFN(target, adapter_name, peft_config, padding)
-        elif role == "input":
+        role = ffn_role(target, hidden_size_of(self.get_model_config(self.model)))
+        if role == "input":
             new_module = VariatorFFNInput(target, adapter_name, peft_config, padding, SplitFFNState())
-        else:
-            partner = self.model.get_submodule(location.partner(current_key))
-            if not isinstance(partner, VariatorFFNInput):
-                raise ValueError(
-                    f"The FFN output half {current_key!r} has no Variator input half at "
-                    f"{location.partner(current_key)!r}; "
-                    "with `layers_to_transform`, both halves of each FFN must be selected."
-                )
+        elif role == "output":
+            partner = self.model.get_submodule(self._split_pairs[current_key])
             new_module = VariatorFFNOutput(target, adapter_name, peft_config, padding, partner.state)
+        else:
+            new_module = VariatorFFN(target, adapter_name, peft_config, padding)
         if adapter_name not in self.active_adapters:
             new_module.requires_grad_(False)
         self._replace_module(parent, target_name, new_module, target)
-
-    def _ffn_location(self, peft_config: VariatorConfig) -> FFNLocation | None:
-        """The table entry whose default targets this config uses, if any; explicit targets are whole FFNs."""
-        model_type = self.get_model_config(self.model).get("model_type")
-        location = FFN_LOCATIONS.get(model_type)
-        if location is not None and peft_config.target_modules == location.target_modules() and location.is_split:
-            return location
-        return None
 
     def _mark_only_adapters_as_trainable(self, model: nn.Module) -> None:
         for name, parameter in model.named_parameters():

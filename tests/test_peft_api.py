@@ -17,7 +17,7 @@ from peft import (
     set_peft_model_state_dict,
 )
 from safetensors.torch import load_file
-from transformers import AutoModelForSequenceClassification, BertConfig, BertForSequenceClassification, BertModel
+from transformers import AutoModelForSequenceClassification, BertConfig, BertModel
 
 from peft_variator import VariatorConfig
 from peft_variator.layer import VariatorLayer
@@ -131,7 +131,9 @@ def test_classification_head_is_saved_and_restored_with_the_adapter(tmp_path, mi
     batch = inputs()
     expected = model(**batch).logits.detach()
     model.save_pretrained(tmp_path)
-    assert any(key.startswith("base_model.model.classifier") for key in load_file(tmp_path / "adapter_model.safetensors"))
+    assert any(
+        key.startswith("base_model.model.classifier") for key in load_file(tmp_path / "adapter_model.safetensors")
+    )
 
     # The base checkpoint has a 2-label head; the number of labels is the user's to pass, as with any PEFT method.
     reloaded = AutoPeftModelForSequenceClassification.from_pretrained(tmp_path, num_labels=3).eval()

@@ -1,0 +1,229 @@
+"""Every supported architecture, from a tiny randomly initialised config: the right FFNs are found without
+`target_modules`, padding does not change real tokens, and generation works."""
+
+from __future__ import annotations
+
+import logging
+
+import pytest
+import torch
+from conftest import randomize_plugins
+from peft import get_peft_model
+from transformers import (
+    AutoModel,
+    AutoModelForCausalLM,
+    AutoModelForSeq2SeqLM,
+    BertConfig,
+    DistilBertConfig,
+    ElectraConfig,
+    GPT2Config,
+    GPTNeoXConfig,
+    LlamaConfig,
+    MistralConfig,
+    MT5Config,
+    OPTConfig,
+    Qwen2Config,
+    RobertaConfig,
+    T5Config,
+    XLMRobertaConfig,
+)
+
+from peft_variator import VariatorConfig
+from peft_variator.architectures import FFN_LOCATIONS, find_ffns
+from peft_variator.layer import VariatorFFN, VariatorFFNInput, VariatorFFNOutput, VariatorLayer
+
+H, FFN_DIM, LAYERS = 32, 64, 2
+ENCODER = dict(
+    vocab_size=100, hidden_size=H, num_hidden_layers=LAYERS, num_attention_heads=4, intermediate_size=FFN_DIM
+)
+DECODER = dict(
+    vocab_size=100,
+    hidden_size=H,
+    intermediate_size=FFN_DIM,
+    num_hidden_layers=LAYERS,
+    num_attention_heads=4,
+    num_key_value_heads=2,
+    pad_token_id=0,
+)
+
+ENCODERS = {
+    "bert": BertConfig(**ENCODER),
+    "roberta": RobertaConfig(**ENCODER, pad_token_id=1),
+    "xlm-roberta": XLMRobertaConfig(**ENCODER, pad_token_id=1),
+    "electra": ElectraConfig(**ENCODER, embedding_size=H),
+    "distilbert": DistilBertConfig(vocab_size=100, dim=H, hidden_dim=FFN_DIM, n_layers=LAYERS, n_heads=4),
+}
+DECODERS = {
+    "llama": LlamaConfig(**DECODER),
+    "mistral": MistralConfig(**DECODER),
+    "qwen2": Qwen2Config(**DECODER),
+    "gpt2": GPT2Config(vocab_size=100, n_embd=H, n_inner=FFN_DIM, n_layer=LAYERS, n_head=4, pad_token_id=0),
+}
+T5_SIZES = dict(
+    vocab_size=100, d_model=H, d_ff=FFN_DIM, d_kv=8, num_layers=LAYERS, num_heads=4, decoder_start_token_id=0
+)
+SEQ2SEQ = {
+    "t5": T5Config(
+        vocab_size=100, d_model=H, d_ff=FFN_DIM, d_kv=8, num_layers=LAYERS, num_heads=4, decoder_start_token_id=0
+    ),
+    "mt5": MT5Config(
+        vocab_size=100, d_model=H, d_ff=FFN_DIM, d_kv=8, num_layers=LAYERS, num_heads=4, decoder_start_token_id=0
+    ),
+}
+
+
+def wrapped(model) -> dict[str, type]:
+    return {name: type(module) for name, module in model.named_modules() if isinstance(module, VariatorLayer)}
+
+
+def variator(model, ratio=2, **kwargs):
+    peft_model = get_peft_model(model, VariatorConfig(ratio=ratio, **kwargs))
+    randomize_plugins(peft_model)
+    return peft_model.eval()
+
+
+@pytest.mark.parametrize("model_type", sorted(ENCODERS))
+def test_encoder_ffns_are_found_by_model_type(model_type):
+    model = variator(AutoModel.from_config(ENCODERS[model_type]))
+    kinds = sorted(wrapped(model).values(), key=lambda cls: cls.__name__)
+    if model_type == "distilbert":
+        assert kinds == [VariatorFFN] * LAYERS
+    else:
+        assert kinds == [VariatorFFNInput] * LAYERS + [VariatorFFNOutput] * LAYERS
+
+
+@pytest.mark.parametrize("model_type", sorted(ENCODERS))
+def test_encoder_real_tokens_do_not_depend_on_batch_padding(model_type):
+    model = variator(AutoModel.from_config(ENCODERS[model_type]), ratio=4)
+    lengths = [9, 4, 13]
+    sequences = [torch.randint(3, 100, (n,)) for n in lengths]
+    width = max(lengths) + 3
+    ids = torch.full((3, width), 0)
+    mask = torch.zeros(3, width, dtype=torch.long)
+    for row, seq in enumerate(sequences):
+        ids[row, : len(seq)], mask[row, : len(seq)] = seq, 1
+    with torch.no_grad():
+        batched = model(input_ids=ids, attention_mask=mask).last_hidden_state
+        for row, seq in enumerate(sequences):
+            alone = model(input_ids=seq[None], attention_mask=torch.ones(1, len(seq), dtype=torch.long))
+            torch.testing.assert_close(batched[row, : len(seq)], alone.last_hidden_state[0], atol=1e-5, rtol=1e-5)
+    assert torch.isfinite(batched).all()
+
+
+@pytest.mark.parametrize("model_type", sorted(DECODERS))
+def test_decoder_mlps_are_found_and_left_padded_prompts_match_unpadded(model_type):
+    model = variator(AutoModelForCausalLM.from_config(DECODERS[model_type]), ratio=4)
+    assert list(wrapped(model).values()) == [VariatorFFN] * LAYERS
+    lengths = [10, 5]
+    sequences = [torch.randint(3, 100, (n,)) for n in lengths]
+    ids = torch.zeros(2, 10, dtype=torch.long)
+    mask = torch.zeros(2, 10, dtype=torch.long)
+    for row, seq in enumerate(sequences):
+        ids[row, 10 - len(seq) :], mask[row, 10 - len(seq) :] = seq, 1
+    # Positions count real tokens only, as `generate()` computes them for left padding.
+    positions = (mask.cumsum(1) - 1).clamp(min=0)
+    with torch.no_grad():
+        batched = model(input_ids=ids, attention_mask=mask, position_ids=positions).logits
+        for row, seq in enumerate(sequences):
+            alone = model(input_ids=seq[None]).logits[0]
+            torch.testing.assert_close(batched[row, 10 - len(seq) :], alone, atol=1e-5, rtol=1e-5)
+
+
+@pytest.mark.parametrize("model_type", sorted(DECODERS))
+def test_decoder_generate_uses_the_cache_and_disable_adapter_matches_the_base(model_type):
+    base = AutoModelForCausalLM.from_config(DECODERS[model_type]).eval()
+    prompt = torch.randint(3, 100, (2, 12))
+    mask = torch.ones_like(prompt)
+    settings = dict(max_new_tokens=6, do_sample=False, pad_token_id=0)
+    reference = base.generate(input_ids=prompt, attention_mask=mask, **settings)
+    model = variator(base, ratio=4, task_type="CAUSAL_LM")
+    compressed = model.generate(input_ids=prompt, attention_mask=mask, **settings)
+    assert compressed.shape == reference.shape
+    with model.disable_adapter():
+        assert torch.equal(model.generate(input_ids=prompt, attention_mask=mask, **settings), reference)
+
+
+def test_single_token_decode_steps_run_uncompressed():
+    base = AutoModelForCausalLM.from_config(DECODERS["llama"]).eval()
+    model = variator(base, ratio=4)
+    token = torch.randint(3, 100, (2, 1))
+    with torch.no_grad():
+        with_plugins = model(input_ids=token).logits
+        with model.disable_adapter():
+            without = model(input_ids=token).logits
+    assert torch.equal(with_plugins, without)
+
+
+@pytest.mark.parametrize("model_type", sorted(SEQ2SEQ))
+def test_t5_compresses_the_encoder_only_and_generates(model_type):
+    base = AutoModelForSeq2SeqLM.from_config(SEQ2SEQ[model_type]).eval()
+    prompt = torch.randint(3, 100, (2, 9))
+    mask = torch.ones_like(prompt)
+    mask[1, 6:] = 0
+    reference = base.generate(input_ids=prompt, attention_mask=mask, max_new_tokens=5, do_sample=False)
+    model = variator(base, ratio=2, task_type="SEQ_2_SEQ_LM")
+    names = list(wrapped(model))
+    assert len(names) == LAYERS and all(".encoder.block." in name and "DenseReluDense" in name for name in names)
+    encoder_out = model.get_encoder()(input_ids=prompt, attention_mask=mask).last_hidden_state
+    with model.disable_adapter():
+        assert not torch.allclose(encoder_out, base.get_encoder()(input_ids=prompt, attention_mask=mask)[0])
+        assert torch.equal(
+            model.generate(input_ids=prompt, attention_mask=mask, max_new_tokens=5, do_sample=False), reference
+        )
+    generated = model.generate(input_ids=prompt, attention_mask=mask, max_new_tokens=5, do_sample=False)
+    assert generated.shape[0] == 2
+
+
+def test_unknown_architecture_ffns_are_found_by_structure_and_logged(caplog):
+    config = GPTNeoXConfig(
+        vocab_size=100, hidden_size=H, intermediate_size=FFN_DIM, num_hidden_layers=LAYERS, num_attention_heads=4
+    )
+    assert config.model_type not in FFN_LOCATIONS
+    base = AutoModelForCausalLM.from_config(config).eval()
+    prompt = torch.randint(3, 100, (2, 10))
+    with torch.no_grad():
+        reference = base(input_ids=prompt).logits
+    with caplog.at_level(logging.INFO, logger="peft_variator"):
+        model = variator(base, ratio=2)
+    assert wrapped(model) == {f"base_model.model.gpt_neox.layers.{i}.mlp": VariatorFFN for i in range(LAYERS)}
+    assert "found 2 FFNs by structure" in caplog.text
+    with torch.no_grad():
+        compressed = model(input_ids=prompt).logits
+        with model.disable_adapter():
+            torch.testing.assert_close(model(input_ids=prompt).logits, reference)
+    assert compressed.shape == reference.shape and not torch.allclose(compressed, reference)
+
+
+def test_ffns_split_over_two_linears_are_found_as_pairs():
+    # OPT keeps fc1 (hidden -> I) and fc2 (I -> hidden) directly in each decoder layer, next to attention.
+    config = OPTConfig(vocab_size=100, hidden_size=H, ffn_dim=FFN_DIM, num_hidden_layers=LAYERS, num_attention_heads=4)
+    found = find_ffns(AutoModelForCausalLM.from_config(config), hidden_size=H)
+    assert found == [f"model.decoder.layers.{i}.{name}" for i in range(LAYERS) for name in ("fc1", "fc2")]
+
+
+def test_explicit_target_modules_win_over_the_table():
+    model = variator(AutoModelForCausalLM.from_config(DECODERS["llama"]), target_modules=["layers.1.mlp"])
+    assert list(wrapped(model)) == ["base_model.model.model.layers.1.mlp"]
+
+
+def test_target_that_is_not_a_whole_ffn_is_refused():
+    base = AutoModelForCausalLM.from_config(DECODERS["llama"])
+    with pytest.raises(ValueError, match="half an FFN"):
+        variator(base, target_modules=["gate_proj"])
+    with pytest.raises(ValueError, match="must be FFNs"):
+        variator(base, target_modules=["q_proj"])
+    # Refused before anything was replaced.
+    assert not any(isinstance(module, VariatorLayer) for module in base.modules())
+
+
+def test_model_without_any_ffn_asks_for_target_modules():
+    class Tiny(torch.nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.proj = torch.nn.Linear(8, 8)
+
+        def forward(self, x):
+            return self.proj(x)
+
+    with pytest.raises(ValueError, match="target_modules"):
+        get_peft_model(Tiny(), VariatorConfig(ratio=2))
