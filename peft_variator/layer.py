@@ -21,6 +21,9 @@ from .config import VariatorConfig
 from .padding import PaddingContext
 from .plugin import DecompressionAdapter, GroupLayout, compress, decompress, init_score
 
+# The decompression adapter's three linear maps, in `DecompressionAdapter` field order.
+DECOMPRESSOR_NAMES = ("variator_down_output", "variator_down_token", "variator_up")
+
 
 class VariatorLayer(nn.Module, BaseTunerLayer):
     """Common part of the Variator tuner layers: per-adapter ratios, the active plugin, no merging."""
@@ -57,6 +60,18 @@ class VariatorLayer(nn.Module, BaseTunerLayer):
             )
         return active[0] if active else None
 
+    def _init_decompressor(self) -> None:
+        for name in DECOMPRESSOR_NAMES:
+            setattr(self, name, nn.ModuleDict())
+
+    def _add_decompressor(self, adapter_name: str, config: VariatorConfig) -> None:
+        adapter = DecompressionAdapter.create(self.hidden_size, config.adapter_dim)
+        for name, module in zip(DECOMPRESSOR_NAMES, adapter, strict=True):
+            getattr(self, name)[adapter_name] = module
+
+    def _decompressor(self, adapter_name: str) -> DecompressionAdapter:
+        return DecompressionAdapter(*(getattr(self, name)[adapter_name] for name in DECOMPRESSOR_NAMES))
+
     def merge(self, safe_merge: bool = False, adapter_names: list[str] | None = None) -> None:
         raise ValueError(
             "A Variator plugin changes the sequence length inside the FFN and cannot be merged into weights. "
@@ -86,20 +101,20 @@ class VariatorLayer(nn.Module, BaseTunerLayer):
 class VariatorFFN(VariatorLayer):
     """Wraps a whole FFN: compress -> FFN on N/k vectors -> decompress."""
 
-    adapter_layer_names = ("variator_compressor", "variator_decompressor")
+    adapter_layer_names = ("variator_compressor", *DECOMPRESSOR_NAMES)
 
     def __init__(
         self, base_layer: nn.Module, adapter_name: str, config: VariatorConfig, padding: PaddingContext
     ) -> None:
         super().__init__(base_layer, padding, linear_shapes(base_layer)[0][0])
         self.variator_compressor = nn.ModuleDict()
-        self.variator_decompressor = nn.ModuleDict()
+        self._init_decompressor()
         self._active_adapter = adapter_name
         self.update_layer(adapter_name, config)
 
     def _add_plugin(self, adapter_name: str, config: VariatorConfig) -> None:
         self.variator_compressor[adapter_name] = init_score(config.ratio, self.hidden_size)
-        self.variator_decompressor[adapter_name] = DecompressionAdapter(self.hidden_size, config.adapter_dim)
+        self._add_decompressor(adapter_name, config)
 
     def forward(self, hidden: torch.Tensor, *args: Any, **kwargs: Any) -> torch.Tensor:
         adapter_name = self.active_plugin()
@@ -108,7 +123,7 @@ class VariatorFFN(VariatorLayer):
             return self.base_layer(hidden, *args, **kwargs)
         compressed = compress(hidden, layout, self.variator_compressor[adapter_name])
         ffn_output = self.base_layer(compressed, *args, **kwargs)
-        return decompress(ffn_output, hidden, layout, self.variator_decompressor[adapter_name])
+        return decompress(ffn_output, hidden, layout, self._decompressor(adapter_name))
 
 
 class SplitFFNState:
@@ -163,7 +178,7 @@ class VariatorFFNInput(VariatorLayer):
 class VariatorFFNOutput(VariatorLayer):
     """Wraps the second half of a split FFN (intermediate -> hidden): decompresses its output."""
 
-    adapter_layer_names = ("variator_decompressor",)
+    adapter_layer_names = DECOMPRESSOR_NAMES
 
     def __init__(
         self,
@@ -175,12 +190,12 @@ class VariatorFFNOutput(VariatorLayer):
     ) -> None:
         super().__init__(base_layer, padding, linear_shapes(base_layer)[-1][1])
         self.state = state
-        self.variator_decompressor = nn.ModuleDict()
+        self._init_decompressor()
         self._active_adapter = adapter_name
         self.update_layer(adapter_name, config)
 
     def _add_plugin(self, adapter_name: str, config: VariatorConfig) -> None:
-        self.variator_decompressor[adapter_name] = DecompressionAdapter(self.hidden_size, config.adapter_dim)
+        self._add_decompressor(adapter_name, config)
 
     def forward(self, intermediate: torch.Tensor, *args: Any, **kwargs: Any) -> torch.Tensor:
         ffn_output = self.base_layer(intermediate, *args, **kwargs)
@@ -188,4 +203,4 @@ class VariatorFFNOutput(VariatorLayer):
         adapter_name = self.active_plugin()
         if layout is None or adapter_name is None:
             return ffn_output
-        return decompress(ffn_output, tokens, layout, self.variator_decompressor[adapter_name])
+        return decompress(ffn_output, tokens, layout, self._decompressor(adapter_name))

