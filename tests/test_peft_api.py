@@ -274,3 +274,40 @@ def test_push_to_hub_uploads_the_adapter_and_a_card_naming_method_ratio_and_base
     assert f"base_model: {minilm_path}" in card
     assert "- variator" in card and "- variator-ratio-4" in card and "- variator-ratio-8" in card
     assert "| `ratio8` | 8 |" in card and "| `default` | 4 |" in card
+
+
+def plugin_grads(model, batch) -> dict[str, torch.Tensor]:
+    model.zero_grad()
+    model(**batch).last_hidden_state.pow(2).mean().backward()
+    return {n: p.grad.clone() for n, p in model.named_parameters() if p.requires_grad}
+
+
+def test_gradient_checkpointing_recomputes_the_same_grouping():
+    batch = inputs(batch=3, seq_len=13)
+    batch["attention_mask"][1, :4] = 0  # left padding in one row, right padding in another
+    config = tiny_bert_config()
+    config.hidden_dropout_prob = config.attention_probs_dropout_prob = 0.0
+    model = get_peft_model(BertModel(config), VariatorConfig(ratio=4))
+    randomize_plugins(model)
+    model.train()  # checkpointing only runs in training mode
+    expected = plugin_grads(model, batch)
+    model.get_base_model().gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+    checkpointed = plugin_grads(model, batch)
+    assert expected.keys() == checkpointed.keys() and len(expected) == 3 * 7
+    for name, grad in expected.items():
+        torch.testing.assert_close(checkpointed[name], grad)
+
+
+def test_half_precision_models_keep_plugins_in_float32():
+    from transformers import AutoModelForCausalLM, LlamaConfig
+
+    config = LlamaConfig(
+        vocab_size=100, hidden_size=32, intermediate_size=64, num_hidden_layers=2, num_attention_heads=4
+    )
+    model = get_peft_model(AutoModelForCausalLM.from_config(config).to(torch.bfloat16), VariatorConfig(ratio=4))
+    plugins = [p for n, p in model.named_parameters() if "variator_" in n]
+    assert {p.dtype for p in plugins} == {torch.float32}
+    logits = model(input_ids=torch.randint(0, 100, (2, 10))).logits
+    assert logits.dtype == torch.bfloat16 and torch.isfinite(logits).all()
+    logits.float().sum().backward()
+    assert all(p.grad is not None and p.grad.dtype == torch.float32 for p in plugins)
