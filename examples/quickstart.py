@@ -73,7 +73,9 @@ def main() -> None:
 
     base_ms = statistics.median(timings[None]) * 1e3
     print(f"all-MiniLM-L6-v2: {base_params:,} parameters, batch {args.batch} x {args.seq_len}, {base_ms:.0f} ms")
-    print(f"{'adapter':>8} {'ratio':>5} {'params added':>14} {'% of model':>10} {'on disk':>9} {'ms':>7} {'speed-up':>8}")
+    print(
+        f"{'adapter':>8} {'ratio':>5} {'params added':>14} {'% of model':>10} {'on disk':>9} {'ms':>7} {'speed-up':>8}"
+    )
     with tempfile.TemporaryDirectory() as directory:
         model.save_pretrained(directory)
         for ratio in RATIOS:
