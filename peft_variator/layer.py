@@ -10,6 +10,7 @@ plain attribute, never as a submodule, so PEFT saves each plugin weight exactly 
 
 from __future__ import annotations
 
+import threading
 from typing import Any
 
 import torch
@@ -126,8 +127,9 @@ class VariatorFFN(VariatorLayer):
         return decompress(ffn_output, hidden, layout, self._decompressor(adapter_name))
 
 
-class SplitFFNState:
-    """What the input half of a split FFN hands to its output half within one forward pass."""
+class SplitFFNState(threading.local):
+    """What the input half of a split FFN hands to its output half within one forward pass (per thread, so one
+    model can run forwards from several threads)."""
 
     def __init__(self) -> None:
         self.layout: GroupLayout | None = None

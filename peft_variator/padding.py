@@ -12,6 +12,7 @@ outside any model forward, and must see the same grouping.
 from __future__ import annotations
 
 import inspect
+import threading
 from typing import Any
 
 import torch
@@ -22,12 +23,24 @@ from .plugin import GroupLayout, plan_groups
 _CONTEXT_ATTRIBUTE = "_variator_padding"
 
 
+class _Recorded:
+    """One thread's recorded mask and the group layouts planned from it."""
+
+    def __init__(self, mask: torch.Tensor | None = None) -> None:
+        self.mask = mask
+        self.layouts: dict[tuple[int, int, int], GroupLayout] = {}
+
+
 class PaddingContext:
-    """The padding mask of the model's current forward pass, shared by all Variator layers of one model."""
+    """The padding mask of the model's current forward pass, shared by all Variator layers of one model.
+
+    Kept per thread, so one model can serve forwards from several threads at once. A thread that never ran a forward
+    itself (autograd's device threads recomputing checkpointed layers) sees the latest mask recorded by any thread.
+    """
 
     def __init__(self) -> None:
-        self._mask: torch.Tensor | None = None
-        self._layouts: dict[tuple[int, int, int], GroupLayout] = {}
+        self._local = threading.local()
+        self._latest = _Recorded()
         self._hook_handles: list[Any] = []
 
     def record(self, attention_mask: torch.Tensor | None) -> None:
@@ -36,22 +49,23 @@ class PaddingContext:
                 "Variator needs a 2-D padding mask `attention_mask` of shape (batch, seq_len) to group real tokens, "
                 f"got a {attention_mask.dim()}-D tensor of shape {tuple(attention_mask.shape)}."
             )
-        if attention_mask is self._mask:
+        current = getattr(self._local, "recorded", None)
+        if current is not None and current.mask is attention_mask:
             return
-        self._mask = attention_mask
-        self._layouts.clear()
+        self._local.recorded = self._latest = _Recorded(attention_mask)
 
     def layout(self, batch_size: int, seq_len: int, ratio: int) -> GroupLayout:
         """The group layout of hidden states `(batch_size, seq_len, H)` for `ratio`, memoised per forward."""
+        recorded = getattr(self._local, "recorded", None) or self._latest
         key = (batch_size, seq_len, ratio)
-        layout = self._layouts.get(key)
+        layout = recorded.layouts.get(key)
         if layout is None:
-            layout = plan_groups(seq_len, ratio, self._mask_for(batch_size, seq_len))
-            self._layouts[key] = layout
+            layout = plan_groups(seq_len, ratio, self._mask_for(recorded.mask, batch_size, seq_len))
+            recorded.layouts[key] = layout
         return layout
 
-    def _mask_for(self, batch_size: int, seq_len: int) -> torch.Tensor | None:
-        mask = self._mask
+    @staticmethod
+    def _mask_for(mask: torch.Tensor | None, batch_size: int, seq_len: int) -> torch.Tensor | None:
         if mask is None:
             return None
         if mask.shape[0] != batch_size or mask.shape[1] < seq_len:

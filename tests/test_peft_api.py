@@ -311,3 +311,17 @@ def test_half_precision_models_keep_plugins_in_float32():
     assert logits.dtype == torch.bfloat16 and torch.isfinite(logits).all()
     logits.float().sum().backward()
     assert all(p.grad is not None and p.grad.dtype == torch.float32 for p in plugins)
+
+
+def test_forwards_from_several_threads_keep_their_own_padding():
+    from concurrent.futures import ThreadPoolExecutor
+
+    model = get_peft_model(tiny_bert(), VariatorConfig(ratio=4))
+    randomize_plugins(model)
+    batches = [inputs(batch=b, seq_len=n) for b, n in [(2, 11), (3, 16), (1, 5), (4, 9)]]
+    expected = [hidden(model, batch) for batch in batches]
+    with ThreadPoolExecutor(max_workers=4) as pool:
+        for _ in range(5):
+            results = list(pool.map(lambda batch: hidden(model, batch), batches))
+            for result, reference in zip(results, expected, strict=True):
+                torch.testing.assert_close(result, reference)

@@ -1,0 +1,434 @@
+"""Load-aware ratio switching: pick, per batch, the least compression that keeps a latency budget.
+
+One deployed model carries plugins of several ratios (Variator's point: Xiao et al., 2023, Section 1). A serving
+loop hands each batch to a `RatioScheduler`, which predicts every adapter's latency from a per-adapter cost model
+(`latency = intercept + per_token * tokens`), adds the time the batch already waited, and runs the batch with the
+least compression that still fits the budget: uncompressed when the server is idle, stronger ratios under a burst.
+"""
+
+from __future__ import annotations
+
+import math
+import threading
+import time
+from collections import deque
+from collections.abc import Callable, Iterable, Mapping, Sequence
+from dataclasses import dataclass
+from typing import Any
+
+import torch
+from torch import nn
+
+UNCOMPRESSED = None
+"""The adapter name that stands for the base model, run under `disable_adapter()`."""
+
+
+class LatencyModel:
+    """Predicted latency of one adapter: `scale * (intercept_ms + per_token_ms * tokens)`.
+
+    The line is the shape of the cost, fitted once by least squares on calibration runs over a range of token
+    counts. `scale` follows the served batches as an exponentially weighted mean of observed / predicted: it tracks
+    what changes while serving (another process on the same cores, a slower machine than the calibration saw)
+    without refitting a slope from traffic that may sit in a narrow range of batch sizes.
+
+    Args:
+        intercept_ms: fixed cost of a batch.
+        per_token_ms: cost of each token.
+        smoothing: weight of each new observation in `scale`, in (0, 1].
+    """
+
+    # One stray observation (a GC pause, a page fault) moves `scale` by at most this factor's share.
+    max_surprise = 4.0
+
+    def __init__(self, intercept_ms: float, per_token_ms: float, smoothing: float = 0.2) -> None:
+        _check_number("intercept_ms", intercept_ms, minimum=0.0)
+        _check_number("per_token_ms", per_token_ms, minimum=0.0)
+        if isinstance(smoothing, bool) or not isinstance(smoothing, (int, float)) or not 0.0 < smoothing <= 1.0:
+            raise ValueError(f"`smoothing` must be a number in (0, 1], got {smoothing!r}.")
+        self.intercept_ms = float(intercept_ms)
+        self.per_token_ms = float(per_token_ms)
+        self.smoothing = float(smoothing)
+        self.scale = 1.0
+
+    @classmethod
+    def fit(cls, tokens: Sequence[float], latencies_ms: Sequence[float], smoothing: float = 0.2) -> LatencyModel:
+        """Least-squares line through calibration points `(tokens, latency_ms)`; at least one point."""
+        if len(tokens) != len(latencies_ms) or not tokens:
+            raise ValueError(
+                f"Need the same, non-zero number of token counts and latencies, got {len(tokens)} and "
+                f"{len(latencies_ms)}."
+            )
+        xs = [float(x) for x in tokens]
+        ys = [max(float(y), 0.0) for y in latencies_ms]
+        n = len(xs)
+        mean_x, mean_y = sum(xs) / n, sum(ys) / n
+        sxx = sum((x - mean_x) ** 2 for x in xs)
+        sxy = sum((x - mean_x) * (y - mean_y) for x, y in zip(xs, ys, strict=True))
+        if sxx <= 1e-12 * max(mean_x * mean_x, 1.0):
+            # A single token count cannot separate fixed from per-token cost: assume cost proportional to the work.
+            if mean_x > 0:
+                return cls(0.0, mean_y / mean_x, smoothing)
+            return cls(mean_y, 0.0, smoothing)
+        # More tokens faster is timing noise, never the model: the slope is at least 0.
+        slope = max(sxy / sxx, 0.0)
+        intercept = mean_y - slope * mean_x
+        if intercept < 0.0:
+            # A negative fixed cost would promise impossibly fast small batches: refit through the origin.
+            sum_xx = sum(x * x for x in xs)
+            intercept, slope = 0.0, sum(x * y for x, y in zip(xs, ys, strict=True)) / sum_xx
+        return cls(intercept, slope, smoothing)
+
+    def predict(self, tokens: float) -> float:
+        """Predicted latency in milliseconds of a batch of `tokens` tokens."""
+        return self.scale * (self.intercept_ms + self.per_token_ms * tokens)
+
+    def update(self, tokens: float, latency_ms: float) -> None:
+        """Learn from one observed batch."""
+        expected = self.intercept_ms + self.per_token_ms * tokens
+        if expected <= 0.0:
+            return
+        surprise = min(max(latency_ms / expected / self.scale, 1.0 / self.max_surprise), self.max_surprise)
+        self.scale += self.smoothing * (surprise * self.scale - self.scale)
+
+    def __repr__(self) -> str:
+        return (
+            f"LatencyModel(intercept_ms={self.intercept_ms:.3f}, per_token_ms={self.per_token_ms:.5f}, "
+            f"scale={self.scale:.3f})"
+        )
+
+
+@dataclass(frozen=True)
+class Decision:
+    """What the scheduler did with one batch.
+
+    Attributes:
+        adapter: the adapter that ran (`None`: uncompressed).
+        num_tokens: token positions in the batch, padding included (the cost model's input; see `count_tokens`).
+        predicted_ms: the chosen adapter's predicted latency.
+        queue_delay_ms: time the batch waited before it ran: the caller's `queue_delay_ms` plus the wait for the
+            scheduler's lock.
+        latency_ms: observed run time of the model (switching included).
+        budget_ms: the latency budget when the batch was scheduled.
+    """
+
+    adapter: str | None
+    num_tokens: int
+    predicted_ms: float
+    queue_delay_ms: float
+    latency_ms: float
+    budget_ms: float
+
+    @property
+    def total_ms(self) -> float:
+        """Queue delay plus run time: the latency the batch's requests saw."""
+        return self.queue_delay_ms + self.latency_ms
+
+    @property
+    def missed_budget(self) -> bool:
+        return self.total_ms > self.budget_ms
+
+
+class RatioScheduler:
+    """Runs each batch with the least compression whose predicted latency fits a latency budget.
+
+    Args:
+        model: a `PeftModel` carrying Variator adapters.
+        adapters: the choices, e.g. `[None, "ratio2", "ratio4", "ratio8"]`; `None` runs the base model under
+            `model.disable_adapter()`. They are tried from the least to the most compression (the adapter's
+            `ratio`, `None` counting as 1), whatever their order here.
+        latency_budget_ms: the end-to-end budget of a batch (queue delay + run time), in milliseconds.
+        clock: returns seconds; `time.perf_counter` unless a test injects its own.
+        lock: the lock held while switching and running. Pass one lock to the schedulers of several models that
+            share a device, so their batches run one at a time and the wait counts as queue delay.
+        smoothing: weight of each observed batch in the online refinement of the cost models (see `LatencyModel`).
+        history: how many recent batches `stats()` computes percentiles over.
+
+    The model is one shared object: `__call__` switches adapters and runs under a lock, so several threads may
+    serve from the same scheduler. The lock is required, not only tidy: a Variator model keeps the current forward's
+    padding mask and the split-FFN hand-over on the model, so two overlapping forwards of one model from different
+    threads would read each other's state.
+    """
+
+    def __init__(
+        self,
+        model: nn.Module,
+        adapters: Sequence[str | None] = (None, "ratio2", "ratio4", "ratio8"),
+        latency_budget_ms: float = 100.0,
+        clock: Callable[[], float] = time.perf_counter,
+        lock: threading.Lock | threading.RLock | None = None,
+        smoothing: float = 0.2,
+        history: int = 10_000,
+    ) -> None:
+        self.model = model
+        self.adapters = _order_by_compression(model, adapters)
+        self.latency_budget_ms = latency_budget_ms
+        self.clock = clock
+        self.smoothing = smoothing
+        self.cost_models: dict[str | None, LatencyModel] = {}
+        self._lock = lock if lock is not None else threading.Lock()
+        self._stats_lock = threading.Lock()
+        self._history: deque[Decision] = deque(maxlen=history)
+        self._counts: dict[str | None, int] = {}
+        self._sequences: dict[str | None, int] = {}
+        self._misses = 0
+
+    @property
+    def latency_budget_ms(self) -> float:
+        return self._latency_budget_ms
+
+    @latency_budget_ms.setter
+    def latency_budget_ms(self, value: float) -> None:
+        _check_number("latency_budget_ms", value, minimum=0.0, strict=True)
+        self._latency_budget_ms = float(value)
+
+    def ratio_of(self, adapter: str | None) -> int:
+        """Compression ratio of an adapter (1 for `None`, uncompressed)."""
+        return 1 if adapter is None else int(self.model.peft_config[adapter].ratio)
+
+    def set_cost_model(self, adapter: str | None, intercept_ms: float, per_token_ms: float) -> None:
+        """Set an adapter's cost model directly (e.g. restored from an earlier calibration)."""
+        self._check_adapter(adapter)
+        self.cost_models[adapter] = LatencyModel(intercept_ms, per_token_ms, smoothing=self.smoothing)
+
+    def calibrate(
+        self, batch: Mapping[str, torch.Tensor], fractions: Iterable[float] = (0.25, 0.5, 1.0), repeats: int = 3
+    ) -> dict[str | None, LatencyModel]:
+        """Measure every adapter on sub-batches of `batch` and fit its cost model.
+
+        The sample is cut into `len(fractions)**2` smaller batches: the first `f` of its rows times the first `g` of
+        its columns, for every pair of fractions, so the fit sees a range of token counts in both shapes. Each is
+        timed `repeats` times after one warm-up run, and the median is kept, which ignores a stray slow run.
+        """
+        fractions = sorted(set(fractions))
+        if not fractions or not all(isinstance(f, (int, float)) and 0.0 < f <= 1.0 for f in fractions):
+            raise ValueError(f"`fractions` must be numbers in (0, 1], got {fractions!r}.")
+        if not isinstance(repeats, int) or repeats < 1:
+            raise ValueError(f"`repeats` must be an integer >= 1, got {repeats!r}.")
+        sub_batches = _sub_batches(batch, fractions)
+        fitted = {}
+        with self._lock:
+            for adapter in self.adapters:
+                tokens, latencies = [], []
+                for sub_batch in sub_batches:
+                    self._run(adapter, sub_batch)
+                    runs = []
+                    for _ in range(repeats):
+                        start = self.clock()
+                        self._run(adapter, sub_batch)
+                        runs.append((self.clock() - start) * 1000.0)
+                    tokens.append(count_tokens(sub_batch))
+                    latencies.append(sorted(runs)[len(runs) // 2])
+                fitted[adapter] = LatencyModel.fit(tokens, latencies, smoothing=self.smoothing)
+            self.cost_models.update(fitted)
+        return fitted
+
+    def predict(self, adapter: str | None, num_tokens: int) -> float:
+        """Predicted run time in milliseconds of `num_tokens` tokens with `adapter`."""
+        self._check_adapter(adapter)
+        if adapter not in self.cost_models:
+            raise RuntimeError(
+                f"No cost model for adapter {adapter!r}: call `calibrate(batch)` (or `set_cost_model`) first."
+            )
+        return self.cost_models[adapter].predict(num_tokens)
+
+    def choose(self, num_tokens: int, queue_delay_ms: float = 0.0, backlog_tokens: int = 0) -> str | None:
+        """The least compression whose predicted latency plus `queue_delay_ms` fits the budget; the strongest
+        compression when none fits.
+
+        `backlog_tokens` are queued behind this batch: their requests wait for this batch and then for their own
+        run (predicted as one more batch of that size, with the same adapter), and must fit the budget too. That
+        makes a burst switch to compression as soon as the queue builds up, not only once its oldest request is late.
+        """
+        _check_count("num_tokens", num_tokens)
+        _check_count("backlog_tokens", backlog_tokens)
+        _check_number("queue_delay_ms", queue_delay_ms, minimum=0.0)
+        budget = self.latency_budget_ms
+        for adapter in self.adapters:
+            run_ms = self.predict(adapter, num_tokens)
+            backlog_ms = self.predict(adapter, backlog_tokens) if backlog_tokens else 0.0
+            if queue_delay_ms + run_ms <= budget and run_ms + backlog_ms <= budget:
+                return adapter
+        return self.adapters[-1]
+
+    def run(
+        self, batch: Mapping[str, Any], queue_delay_ms: float = 0.0, backlog_tokens: int = 0
+    ) -> tuple[Any, Decision]:
+        """Choose an adapter for `batch` (see `choose`), run the model on it, learn from the observed latency.
+
+        Returns the model's output and the `Decision`. The batch's wait for the lock is added to `queue_delay_ms`:
+        under load, waiting is what pushes batches towards more compression.
+        """
+        _check_number("queue_delay_ms", queue_delay_ms, minimum=0.0)
+        _check_count("backlog_tokens", backlog_tokens)
+        num_tokens = count_tokens(batch)
+        arrived = self.clock()
+        with self._lock:
+            start = self.clock()
+            waited_ms = queue_delay_ms + (start - arrived) * 1000.0
+            budget_ms = self.latency_budget_ms
+            adapter = self.choose(num_tokens, waited_ms, backlog_tokens)
+            predicted_ms = self.cost_models[adapter].predict(num_tokens)
+            output = self._run(adapter, batch)
+            latency_ms = (self.clock() - start) * 1000.0
+            self.cost_models[adapter].update(num_tokens, latency_ms)
+        decision = Decision(adapter, num_tokens, predicted_ms, waited_ms, latency_ms, budget_ms)
+        self._record(decision, _num_sequences(batch))
+        return output, decision
+
+    def __call__(self, *, queue_delay_ms: float = 0.0, backlog_tokens: int = 0, **batch: Any) -> Any:
+        """`model(**batch)` with the adapter the scheduler chooses; see `run`."""
+        return self.run(batch, queue_delay_ms=queue_delay_ms, backlog_tokens=backlog_tokens)[0]
+
+    def stats(self) -> dict[str, Any]:
+        """Batches and sequences per adapter, p50/p95 latencies (queue delay included) and budget misses.
+
+        Percentiles are over the last `history` batches; counts are over all batches since the last `reset_stats`.
+        """
+        with self._stats_lock:
+            decisions = list(self._history)
+            counts, sequences, misses = dict(self._counts), dict(self._sequences), self._misses
+        per_adapter = {}
+        for adapter in self.adapters:
+            mine = [d.total_ms for d in decisions if d.adapter == adapter]
+            per_adapter[_label(adapter)] = {
+                "ratio": self.ratio_of(adapter),
+                "batches": counts.get(adapter, 0),
+                "sequences": sequences.get(adapter, 0),
+                "p50_ms": _percentile(mine, 50),
+                "p95_ms": _percentile(mine, 95),
+            }
+        totals = [d.total_ms for d in decisions]
+        return {
+            "latency_budget_ms": self.latency_budget_ms,
+            "batches": sum(counts.values()),
+            "sequences": sum(sequences.values()),
+            "budget_misses": misses,
+            "p50_ms": _percentile(totals, 50),
+            "p95_ms": _percentile(totals, 95),
+            "adapters": per_adapter,
+        }
+
+    def reset_stats(self) -> None:
+        """Forget the recorded batches (the cost models are kept)."""
+        with self._stats_lock:
+            self._history.clear()
+            self._counts.clear()
+            self._sequences.clear()
+            self._misses = 0
+
+    def _record(self, decision: Decision, num_sequences: int) -> None:
+        with self._stats_lock:
+            self._history.append(decision)
+            self._counts[decision.adapter] = self._counts.get(decision.adapter, 0) + 1
+            self._sequences[decision.adapter] = self._sequences.get(decision.adapter, 0) + num_sequences
+            self._misses += decision.missed_budget
+
+    def _run(self, adapter: str | None, batch: Mapping[str, Any]) -> Any:
+        with torch.inference_mode():
+            if adapter is None:
+                with self.model.disable_adapter():
+                    return self.model(**batch)
+            if self.model.active_adapter != adapter:
+                self.model.set_adapter(adapter)
+            return self.model(**batch)
+
+    def _check_adapter(self, adapter: str | None) -> None:
+        if adapter not in self.adapters:
+            raise ValueError(f"Unknown adapter {adapter!r}; this scheduler chooses among {self.adapters}.")
+
+
+def count_tokens(batch: Mapping[str, Any]) -> int:
+    """Token positions the model computes for a batch: batch size x sequence length of `input_ids` (or, without
+    it, of `attention_mask`).
+
+    Padding costs as much as real tokens (attention and the uncompressed FFN run over every position, and the
+    compressed groups are planned to the longest sequence), so latency follows the padded size, not the mask's sum.
+    """
+    for key in ("input_ids", "attention_mask"):
+        value = batch.get(key)
+        if isinstance(value, torch.Tensor):
+            return value.numel()
+    raise ValueError(
+        f"Cannot count the tokens of a batch with keys {sorted(batch)}: it needs an `input_ids` or `attention_mask` "
+        "tensor."
+    )
+
+
+def _num_sequences(batch: Mapping[str, Any]) -> int:
+    for key in ("input_ids", "attention_mask"):
+        if isinstance(batch.get(key), torch.Tensor):
+            return batch[key].shape[0] if batch[key].dim() > 1 else 1
+    return 1
+
+
+def _order_by_compression(model: nn.Module, adapters: Sequence[str | None]) -> list[str | None]:
+    if isinstance(adapters, str) or not isinstance(adapters, Sequence) or not adapters:
+        raise ValueError(
+            f"`adapters` must be a non-empty list of adapter names (None for uncompressed), got {adapters!r}."
+        )
+    if len(set(adapters)) != len(adapters):
+        raise ValueError(f"`adapters` must not repeat a name, got {list(adapters)}.")
+    loaded = getattr(model, "peft_config", None)
+    if not isinstance(loaded, Mapping) or not hasattr(model, "disable_adapter"):
+        raise ValueError(
+            f"`model` must be a PeftModel carrying Variator adapters, got {type(model).__name__}. Wrap it with "
+            "`get_peft_model(model, VariatorConfig(...))`."
+        )
+    for name in adapters:
+        if name is None:
+            continue
+        if name not in loaded:
+            raise ValueError(f"Adapter {name!r} in `adapters` is not loaded in the model; loaded: {sorted(loaded)}.")
+        if not isinstance(getattr(loaded[name], "ratio", None), int):
+            raise ValueError(f"Adapter {name!r} is not a Variator adapter (it has no compression `ratio`).")
+    # sorted() is stable: adapters of equal ratio keep the caller's order.
+    return sorted(adapters, key=lambda name: 1 if name is None else loaded[name].ratio)
+
+
+def _sub_batches(batch: Mapping[str, Any], fractions: list[float]) -> list[dict[str, Any]]:
+    input_ids = batch.get("input_ids")
+    if not isinstance(input_ids, torch.Tensor) or input_ids.dim() != 2:
+        raise ValueError("`calibrate` needs a batch with a 2-D `input_ids` tensor (batch, seq_len).")
+    rows, columns = input_ids.shape
+    shapes = sorted({(max(1, round(rows * f)), max(1, round(columns * g))) for f in fractions for g in fractions})
+    sub_batches = []
+    for num_rows, num_columns in shapes:
+        sub_batch = {}
+        for key, value in batch.items():
+            if isinstance(value, torch.Tensor) and value.dim() == 2 and value.shape == (rows, columns):
+                value = value[:num_rows, :num_columns]
+            elif isinstance(value, torch.Tensor) and value.dim() >= 1 and value.shape[0] == rows:
+                value = value[:num_rows]
+            sub_batch[key] = value
+        mask = sub_batch.get("attention_mask")
+        if isinstance(mask, torch.Tensor) and not bool(mask.any(dim=1).all()):
+            # A truncation that leaves a row all padding is not a batch a server ever sees.
+            continue
+        sub_batches.append(sub_batch)
+    return sub_batches
+
+
+def _percentile(values: list[float], percent: float) -> float | None:
+    """Nearest-rank percentile; None for no values."""
+    if not values:
+        return None
+    ordered = sorted(values)
+    rank = max(1, math.ceil(percent / 100.0 * len(ordered)))
+    return ordered[rank - 1]
+
+
+def _label(adapter: str | None) -> str:
+    return "uncompressed" if adapter is None else adapter
+
+
+def _check_count(name: str, value: object) -> None:
+    if isinstance(value, bool) or not isinstance(value, int) or value < 0:
+        raise ValueError(f"`{name}` must be a non-negative integer, got {value!r}.")
+
+
+def _check_number(name: str, value: object, minimum: float, strict: bool = False) -> None:
+    if isinstance(value, bool) or not isinstance(value, (int, float)) or not math.isfinite(value):
+        raise ValueError(f"`{name}` must be a finite number, got {value!r}.")
+    if value < minimum or (strict and value == minimum):
+        bound = f"> {minimum}" if strict else f">= {minimum}"
+        raise ValueError(f"`{name}` must be a number {bound}, got {value!r}.")

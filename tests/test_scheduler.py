@@ -1,0 +1,450 @@
+"""RatioScheduler: choosing the least compression that fits a latency budget, and running it.
+
+Latencies are never measured for real here: a fake clock advances by a synthetic cost whenever the model runs, so
+every figure below is exact.
+"""
+
+from __future__ import annotations
+
+import threading
+
+import pytest
+import torch
+from conftest import randomize_plugins
+from peft import get_peft_model
+from transformers import AutoModel, BertConfig, BertModel
+
+from peft_variator import VariatorConfig
+from peft_variator.layer import VariatorLayer
+from peft_variator.scheduler import LatencyModel, RatioScheduler, count_tokens
+
+ADAPTERS = [None, "ratio2", "ratio4", "ratio8"]
+# Synthetic cost models (intercept ms, ms per token): fixed cost 10 ms, cheaper tokens with more compression.
+COSTS = {None: (10.0, 1.0), "ratio2": (10.0, 0.6), "ratio4": (10.0, 0.4), "ratio8": (10.0, 0.3)}
+
+
+def with_plugins(base: torch.nn.Module) -> torch.nn.Module:
+    model = get_peft_model(base, VariatorConfig(ratio=2, adapter_dim=8), adapter_name="ratio2")
+    model.add_adapter("ratio4", VariatorConfig(ratio=4, adapter_dim=8))
+    model.add_adapter("ratio8", VariatorConfig(ratio=8, adapter_dim=8))
+    randomize_plugins(model)
+    return model.eval()
+
+
+@pytest.fixture
+def tiny_model() -> torch.nn.Module:
+    config = BertConfig(
+        vocab_size=100, hidden_size=32, num_hidden_layers=2, num_attention_heads=4, intermediate_size=64
+    )
+    return with_plugins(BertModel(config))
+
+
+def batch_of(rows: int, seq_len: int, padded_row_length: int | None = None) -> dict[str, torch.Tensor]:
+    input_ids = torch.randint(1, 100, (rows, seq_len))
+    attention_mask = torch.ones_like(input_ids)
+    if padded_row_length is not None:
+        attention_mask[0, padded_row_length:] = 0
+    return {"input_ids": input_ids, "attention_mask": attention_mask}
+
+
+class FakeClock:
+    """A clock that only moves when told to: by `advance_ms`, or by the model running (see `charge_costs`)."""
+
+    def __init__(self) -> None:
+        self.now = 0.0
+
+    def __call__(self) -> float:
+        return self.now
+
+    def advance_ms(self, milliseconds: float) -> None:
+        self.now += milliseconds / 1000.0
+
+
+class PerThreadClock(FakeClock):
+    """A fake clock per thread: time passes in a thread only while that thread runs the model, so waiting for the
+    lock costs nothing and the choices do not depend on how the threads interleave."""
+
+    def __init__(self) -> None:
+        self._local = threading.local()
+
+    @property
+    def now(self) -> float:
+        return getattr(self._local, "now", 0.0)
+
+    @now.setter
+    def now(self, value: float) -> None:
+        self._local.now = value
+
+
+def charge_costs(model: torch.nn.Module, clock: FakeClock, costs: dict) -> None:
+    """Make every forward pass of `model` advance `clock` by the cost of the plugin that runs."""
+    layer = next(module for module in model.modules() if isinstance(module, VariatorLayer))
+
+    def advance(_module, _args, kwargs) -> None:
+        intercept, per_token = costs[layer.active_plugin()]
+        clock.advance_ms(intercept + per_token * count_tokens(kwargs))
+
+    model.base_model.model.register_forward_pre_hook(advance, with_kwargs=True)
+
+
+def scheduler_with_costs(model, budget: float = 50.0, **kwargs) -> RatioScheduler:
+    scheduler = RatioScheduler(model, ADAPTERS, latency_budget_ms=budget, **kwargs)
+    for adapter, (intercept, per_token) in COSTS.items():
+        scheduler.set_cost_model(adapter, intercept, per_token)
+    return scheduler
+
+
+def reference_output(model, adapter: str | None, batch: dict) -> torch.Tensor:
+    with torch.inference_mode():
+        if adapter is None:
+            with model.disable_adapter():
+                return model(**batch).last_hidden_state
+        model.set_adapter(adapter)
+        return model(**batch).last_hidden_state
+
+
+# --- choose ---------------------------------------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize(
+    ("num_tokens", "expected"),
+    [
+        (30, None),  # 40 ms uncompressed fits 50 ms
+        (60, "ratio2"),  # uncompressed 70 ms, ratio2 46 ms
+        (100, "ratio4"),  # ratio2 70 ms, ratio4 exactly 50 ms: the budget is inclusive
+        (120, "ratio8"),  # ratio4 58 ms, ratio8 46 ms
+    ],
+)
+def test_choose_picks_the_least_compression_that_fits(tiny_model, num_tokens, expected):
+    assert scheduler_with_costs(tiny_model).choose(num_tokens) == expected
+
+
+def test_choose_falls_back_to_the_strongest_compression_when_nothing_fits(tiny_model):
+    # ratio8 predicts 310 ms, far over the 50 ms budget, and is still the best there is.
+    assert scheduler_with_costs(tiny_model).choose(1000) == "ratio8"
+
+
+@pytest.mark.parametrize(
+    ("queue_delay_ms", "expected"), [(0.0, None), (10.0, None), (15.0, "ratio2"), (25.0, "ratio4"), (35.0, "ratio8")]
+)
+def test_queue_delay_pushes_towards_more_compression(tiny_model, queue_delay_ms, expected):
+    # 30 tokens: uncompressed 40 ms, ratio2 28 ms, ratio4 22 ms, ratio8 19 ms.
+    assert scheduler_with_costs(tiny_model).choose(30, queue_delay_ms=queue_delay_ms) == expected
+
+
+@pytest.mark.parametrize(
+    ("backlog_tokens", "expected"), [(0, None), (5, "ratio2"), (20, "ratio2"), (40, "ratio4"), (100, "ratio8")]
+)
+def test_a_queue_building_up_behind_the_batch_pushes_towards_more_compression(tiny_model, backlog_tokens, expected):
+    # 30 tokens now, then the queued ones: their requests wait for this batch and their own, within 50 ms.
+    # backlog 5: uncompressed 40 + 15 ms, ratio2 28 + 13 ms. 20: ratio2 28 + 22 ms, exactly the budget.
+    # 40: ratio2 28 + 34 ms, ratio4 22 + 26 ms. 100: ratio8 19 + 40 ms misses too, but is the strongest.
+    assert scheduler_with_costs(tiny_model).choose(30, backlog_tokens=backlog_tokens) == expected
+
+
+def test_adapters_are_tried_from_least_to_most_compression_whatever_their_order(tiny_model):
+    scheduler = RatioScheduler(tiny_model, ["ratio8", None, "ratio4", "ratio2"], latency_budget_ms=50.0)
+    assert scheduler.adapters == [None, "ratio2", "ratio4", "ratio8"]
+    assert [scheduler.ratio_of(adapter) for adapter in scheduler.adapters] == [1, 2, 4, 8]
+
+
+def test_only_the_listed_adapters_are_chosen(tiny_model):
+    scheduler = RatioScheduler(tiny_model, ["ratio2", "ratio4"], latency_budget_ms=50.0)
+    for adapter in ("ratio2", "ratio4"):
+        scheduler.set_cost_model(adapter, *COSTS[adapter])
+    assert scheduler.choose(10) == "ratio2"  # uncompressed would fit, but is not a choice
+    assert scheduler.choose(1000) == "ratio4"
+
+
+def test_a_new_budget_takes_effect_at_once(tiny_model):
+    scheduler = scheduler_with_costs(tiny_model)
+    assert scheduler.choose(60) == "ratio2"
+    scheduler.latency_budget_ms = 80
+    assert scheduler.choose(60) is None
+
+
+# --- cost models ----------------------------------------------------------------------------------------------------
+
+
+def test_latency_model_fit_recovers_an_exact_line():
+    model = LatencyModel.fit([10, 20, 40, 80], [7.0, 9.0, 13.0, 21.0])
+    assert model.intercept_ms == pytest.approx(5.0)
+    assert model.per_token_ms == pytest.approx(0.2)
+    assert model.predict(100) == pytest.approx(25.0)
+
+
+def test_latency_model_never_predicts_cheaper_work_for_more_tokens():
+    model = LatencyModel.fit([10, 20, 40], [12.0, 11.0, 9.0])
+    assert model.per_token_ms == 0.0
+    assert model.intercept_ms == pytest.approx(32.0 / 3)
+
+
+def test_latency_model_with_a_single_token_count_is_proportional():
+    model = LatencyModel.fit([50, 50, 50], [10.0, 10.0, 10.0])
+    assert model.intercept_ms == 0.0
+    assert model.predict(100) == pytest.approx(20.0)
+
+
+def test_online_updates_follow_a_slower_machine():
+    model = LatencyModel.fit([10, 100], [10.0, 100.0], smoothing=0.2)
+    for _ in range(50):
+        model.update(50, 100.0)  # twice the calibrated 50 ms
+    assert model.scale == pytest.approx(2.0, rel=1e-3)
+    # The calibrated shape is kept: twice the tokens, twice the cost.
+    assert model.predict(100) == pytest.approx(200.0, rel=1e-3)
+
+
+def test_one_stray_slow_batch_moves_the_prediction_only_a_little():
+    model = LatencyModel.fit([10, 100], [10.0, 100.0], smoothing=0.2)
+    model.update(50, 50_000.0)  # a 1000x outlier, e.g. the process was swapped out
+    # The surprise is capped at 4x, and weighted 0.2: 1 + 0.2 * (4 - 1).
+    assert model.predict(50) == pytest.approx(50.0 * 1.6)
+
+
+def test_calibrate_fits_each_adapters_cost_and_costs_fall_with_compression(tiny_model):
+    clock = FakeClock()
+    charge_costs(tiny_model, clock, COSTS)
+    scheduler = RatioScheduler(tiny_model, ADAPTERS, latency_budget_ms=50.0, clock=clock)
+    fitted = scheduler.calibrate(batch_of(8, 32, padded_row_length=20), repeats=2)
+    assert set(fitted) == set(ADAPTERS)
+    for adapter, (intercept, per_token) in COSTS.items():
+        assert fitted[adapter].intercept_ms == pytest.approx(intercept)
+        assert fitted[adapter].per_token_ms == pytest.approx(per_token)
+    predicted = [scheduler.predict(adapter, 200) for adapter in scheduler.adapters]
+    assert predicted == sorted(predicted, reverse=True)
+    assert scheduler.choose(30) is None and scheduler.choose(120) == "ratio8"
+
+
+def test_calibrate_leaves_the_model_as_it_was(tiny_model):
+    tiny_model.set_adapter("ratio4")
+    batch = batch_of(2, 16)
+    before = reference_output(tiny_model, "ratio4", batch)
+    scheduler = RatioScheduler(tiny_model, ADAPTERS, latency_budget_ms=50.0)
+    scheduler.calibrate(batch_of(4, 16), fractions=(0.5, 1.0), repeats=1)
+    assert not tiny_model.base_model.model.training
+    assert torch.equal(reference_output(tiny_model, "ratio4", batch), before)
+
+
+# --- running batches ------------------------------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize(
+    ("budget", "expected"), [(250.0, None), (150.0, "ratio2"), (100.0, "ratio4"), (1.0, "ratio8")]
+)
+def test_call_runs_the_chosen_adapter(tiny_model, budget, expected):
+    # 2 x 100 positions: uncompressed 210 ms, ratio2 130 ms, ratio4 90 ms, ratio8 70 ms.
+    batch = batch_of(2, 100, padded_row_length=60)
+    scheduler = scheduler_with_costs(tiny_model, budget=budget)
+    output, decision = scheduler.run(batch)
+    assert decision.adapter == expected
+    assert decision.num_tokens == 200
+    assert torch.equal(output.last_hidden_state, reference_output(tiny_model, expected, batch))
+
+
+def test_call_outputs_differ_between_adapters(tiny_model):
+    # Guards the test above: if every adapter gave the same output, it could not tell them apart.
+    batch = batch_of(2, 24)
+    outputs = [reference_output(tiny_model, adapter, batch) for adapter in ADAPTERS]
+    for i in range(len(outputs)):
+        for j in range(i + 1, len(outputs)):
+            assert not torch.allclose(outputs[i], outputs[j])
+
+
+def test_call_returns_what_the_model_returns(tiny_model):
+    batch = batch_of(3, 12)
+    scheduler = scheduler_with_costs(tiny_model, budget=1000.0)
+    output = scheduler(**batch)
+    assert torch.equal(output.last_hidden_state, reference_output(tiny_model, None, batch))
+
+
+def test_call_records_stats_and_budget_misses(tiny_model):
+    clock = FakeClock()
+    charge_costs(tiny_model, clock, COSTS)
+    scheduler = scheduler_with_costs(tiny_model, budget=50.0, clock=clock)
+    scheduler.run(batch_of(1, 30))  # uncompressed, 40 ms
+    scheduler.run(batch_of(2, 30))  # 60 tokens: ratio2, 46 ms
+    scheduler.run(batch_of(1, 30), queue_delay_ms=25.0)  # ratio4, 25 + 22 ms
+    scheduler.run(batch_of(4, 250))  # 1000 tokens: ratio8, 310 ms, a miss
+    stats = scheduler.stats()
+    assert stats["batches"] == 4 and stats["sequences"] == 8
+    assert stats["budget_misses"] == 1
+    assert {name: entry["batches"] for name, entry in stats["adapters"].items()} == {
+        "uncompressed": 1,
+        "ratio2": 1,
+        "ratio4": 1,
+        "ratio8": 1,
+    }
+    assert stats["adapters"]["ratio8"]["sequences"] == 4
+    assert stats["adapters"]["ratio4"]["p50_ms"] == pytest.approx(47.0)
+    assert stats["p50_ms"] == pytest.approx(46.0)
+    assert stats["p95_ms"] == pytest.approx(310.0)
+    scheduler.reset_stats()
+    assert scheduler.stats()["batches"] == 0 and scheduler.stats()["p95_ms"] is None
+
+
+def test_observed_latency_refines_the_cost_model(tiny_model):
+    clock = FakeClock()
+    # The machine turns out twice as slow uncompressed as the cost model says.
+    charge_costs(tiny_model, clock, {**COSTS, None: (20.0, 2.0)})
+    scheduler = scheduler_with_costs(tiny_model, budget=1000.0, clock=clock)
+    for _ in range(30):
+        _, decision = scheduler.run(batch_of(1, 20))
+        assert decision.latency_ms == pytest.approx(60.0)
+    assert scheduler.predict(None, 20) == pytest.approx(60.0, rel=0.05)
+
+
+def test_the_wait_for_the_lock_counts_as_queue_delay(tiny_model):
+    clock = FakeClock()
+    arrived = threading.Event()
+    lock = threading.Lock()
+
+    def clock_that_signals() -> float:
+        arrived.set()
+        return clock()
+
+    scheduler = scheduler_with_costs(tiny_model, budget=50.0, clock=clock_that_signals, lock=lock)
+    decisions = []
+    with lock:
+        worker = threading.Thread(target=lambda: decisions.append(scheduler.run(batch_of(1, 30), 5.0)[1]))
+        worker.start()
+        assert arrived.wait(timeout=30)
+        clock.advance_ms(12.0)  # another model holds the device for 12 ms
+    worker.join(timeout=60)
+    # 5 + 12 ms waited: uncompressed (40 ms) no longer fits, ratio2 (28 ms) does.
+    assert decisions[0].queue_delay_ms == pytest.approx(17.0)
+    assert decisions[0].adapter == "ratio2"
+
+
+def test_concurrent_threads_get_correct_outputs_and_consistent_counts(tiny_model):
+    clock = PerThreadClock()
+    charge_costs(tiny_model, clock, COSTS)
+    scheduler = scheduler_with_costs(tiny_model, budget=45.0, clock=clock)
+    batches = [batch_of(1 + i % 4, 8 + 8 * (i % 5), padded_row_length=5) for i in range(24)]
+    expected_adapters = [scheduler.choose(count_tokens(batch)) for batch in batches]
+    assert set(expected_adapters) == set(ADAPTERS)  # the sizes span every choice, so threads really switch adapters
+    references = [
+        reference_output(tiny_model, adapter, batch) for adapter, batch in zip(expected_adapters, batches, strict=True)
+    ]
+    inside, most_inside = [0], [0]
+    counter_lock = threading.Lock()
+
+    def count_concurrent_forwards(_module, _args, _kwargs) -> None:
+        with counter_lock:
+            inside[0] += 1
+            most_inside[0] = max(most_inside[0], inside[0])
+
+    def leave(_module, _args, _kwargs, _output) -> None:
+        with counter_lock:
+            inside[0] -= 1
+
+    tiny_model.base_model.model.register_forward_pre_hook(count_concurrent_forwards, with_kwargs=True)
+    tiny_model.base_model.model.register_forward_hook(leave, with_kwargs=True)
+    results = {}
+    errors = []
+
+    def serve(indices: range) -> None:
+        try:
+            for i in indices:
+                results[i] = scheduler.run(batches[i])
+        except Exception as error:  # noqa: BLE001  (re-raised in the main thread below)
+            errors.append(error)
+
+    threads = [threading.Thread(target=serve, args=(range(start, 24, 4),)) for start in range(4)]
+    for thread in threads:
+        thread.start()
+    for thread in threads:
+        thread.join(timeout=120)
+    assert not errors, errors
+    assert most_inside[0] == 1  # switch + run never interleave
+    assert sorted(results) == list(range(24))
+    for i, (output, decision) in results.items():
+        assert decision.adapter == expected_adapters[i]
+        assert torch.equal(output.last_hidden_state, references[i])
+    stats = scheduler.stats()
+    assert stats["batches"] == 24
+    assert stats["sequences"] == sum(batch["input_ids"].shape[0] for batch in batches)
+    for adapter in ADAPTERS:
+        label = "uncompressed" if adapter is None else adapter
+        assert stats["adapters"][label]["batches"] == expected_adapters.count(adapter)
+
+
+def test_real_minilm_runs_each_chosen_adapter(minilm_path):
+    model = with_plugins(AutoModel.from_pretrained(minilm_path))
+    batch = {"input_ids": torch.randint(1000, 20000, (2, 40)), "attention_mask": torch.ones(2, 40, dtype=torch.long)}
+    batch["attention_mask"][1, 25:] = 0
+    clock = FakeClock()
+    charge_costs(model, clock, COSTS)
+    scheduler = RatioScheduler(model, ADAPTERS, latency_budget_ms=50.0, clock=clock)
+    scheduler.calibrate(batch, fractions=(0.5, 1.0), repeats=1)
+    for budget, expected in [(100.0, None), (60.0, "ratio2"), (45.0, "ratio4"), (1.0, "ratio8")]:
+        scheduler.latency_budget_ms = budget
+        output, decision = scheduler.run(batch)
+        assert decision.adapter == expected
+        assert torch.equal(output.last_hidden_state, reference_output(model, expected, batch))
+
+
+# --- errors ---------------------------------------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("budget", [0, -5.0, float("nan"), float("inf"), "fast", None, True])
+def test_a_bad_latency_budget_is_refused_by_name(tiny_model, budget):
+    with pytest.raises(ValueError, match="latency_budget_ms"):
+        RatioScheduler(tiny_model, ADAPTERS, latency_budget_ms=budget)
+    scheduler = RatioScheduler(tiny_model, ADAPTERS, latency_budget_ms=10.0)
+    with pytest.raises(ValueError, match="latency_budget_ms"):
+        scheduler.latency_budget_ms = budget
+    assert scheduler.latency_budget_ms == 10.0
+
+
+def test_an_adapter_the_model_does_not_carry_is_refused(tiny_model):
+    with pytest.raises(ValueError, match=r"'ratio16'.*not loaded.*\['ratio2', 'ratio4', 'ratio8'\]"):
+        RatioScheduler(tiny_model, [None, "ratio16"])
+
+
+@pytest.mark.parametrize("adapters", [[], "ratio2", [None, None], ["ratio2", "ratio2"]])
+def test_a_malformed_adapter_list_is_refused(tiny_model, adapters):
+    with pytest.raises(ValueError, match="adapters"):
+        RatioScheduler(tiny_model, adapters)
+
+
+def test_a_model_without_plugins_is_refused():
+    with pytest.raises(ValueError, match="PeftModel"):
+        RatioScheduler(torch.nn.Linear(2, 2), [None])
+
+
+def test_choosing_before_calibration_says_what_to_do(tiny_model):
+    scheduler = RatioScheduler(tiny_model, ADAPTERS)
+    with pytest.raises(RuntimeError, match="calibrate"):
+        scheduler.choose(10)
+
+
+@pytest.mark.parametrize(
+    ("kwargs", "name"),
+    [
+        ({"num_tokens": -1}, "num_tokens"),
+        ({"num_tokens": 2.5}, "num_tokens"),
+        ({"queue_delay_ms": -1.0}, "queue_delay_ms"),
+        ({"backlog_tokens": -3}, "backlog_tokens"),
+    ],
+)
+def test_bad_choose_arguments_are_refused_by_name(tiny_model, kwargs, name):
+    arguments = {"num_tokens": 10, **kwargs}
+    with pytest.raises(ValueError, match=name):
+        scheduler_with_costs(tiny_model).choose(**arguments)
+
+
+def test_padding_counts_as_tokens_because_the_model_computes_it():
+    batch = batch_of(3, 10, padded_row_length=2)
+    assert count_tokens(batch) == 30
+    assert count_tokens({"attention_mask": batch["attention_mask"]}) == 30
+
+
+def test_a_batch_without_tokens_is_refused(tiny_model):
+    with pytest.raises(ValueError, match="input_ids.*attention_mask"):
+        scheduler_with_costs(tiny_model)(inputs_embeds=torch.zeros(1, 4, 32))
+
+
+def test_set_cost_model_refuses_an_adapter_not_scheduled(tiny_model):
+    scheduler = RatioScheduler(tiny_model, [None, "ratio4"])
+    with pytest.raises(ValueError, match="ratio8"):
+        scheduler.set_cost_model("ratio8", 1.0, 1.0)
