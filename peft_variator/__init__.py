@@ -7,8 +7,10 @@ rest of the PEFT API work unchanged.
 from .config import VariatorConfig
 from .model import VariatorModel
 from .registration import VARIATOR, register
+from .scheduler import RatioScheduler
+from .trainer import VariatorTrainer
 
 register()
 
-__all__ = ["VARIATOR", "VariatorConfig", "VariatorModel"]
+__all__ = ["VARIATOR", "RatioScheduler", "VariatorConfig", "VariatorModel", "VariatorTrainer"]
 __version__ = "0.1.0"

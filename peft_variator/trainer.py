@@ -62,7 +62,9 @@ class VariatorTrainer(Trainer):
         ```py
         >>> model = get_peft_model(model, VariatorConfig(ratio=4), adapter_name="ratio4")
         >>> model.add_adapter("ratio8", VariatorConfig(ratio=8))
-        >>> trainer = VariatorTrainer(model=model, args=args, train_dataset=train, ratios_adapters=["ratio4", "ratio8"])
+        >>> trainer = VariatorTrainer(
+        ...     model=model, args=args, train_dataset=train, task_weight=0.0, ratios_adapters=["ratio4", "ratio8"]
+        ... )
         >>> trainer.train()
         ```
     """
@@ -89,7 +91,9 @@ class VariatorTrainer(Trainer):
             if isinstance(value, bool) or not isinstance(value, (int, float)) or value < 0:
                 raise ValueError(f"`{name}` must be a number >= 0, got {value!r}.")
         if distill_weight == task_weight == logits_weight == 0:
-            raise ValueError("`distill_weight`, `task_weight` and `logits_weight` are all 0: there is nothing to train.")
+            raise ValueError(
+                "`distill_weight`, `task_weight` and `logits_weight` are all 0: there is nothing to train."
+            )
         if distill_layers not in _DISTILL_LAYERS:
             raise ValueError(f"`distill_layers` must be one of {_DISTILL_LAYERS}, got {distill_layers!r}.")
         if not isinstance(logits_temperature, (int, float)) or logits_temperature <= 0:
@@ -101,10 +105,22 @@ class VariatorTrainer(Trainer):
         self.distill_layers = distill_layers
         self.logits_weight = float(logits_weight)
         self.logits_temperature = float(logits_temperature)
-        self.several_ratios = ratios_adapters is not None
         self._is_causal_lm = _is_causal_lm(model)
         self._compressed_layers = {name: _compressed_layers(model, name) for name in self.trained_adapters}
         _set_trainable(model, self.trained_adapters)
+        training_args = kwargs.get("args", args[1] if len(args) > 1 else None)
+        if len(self.trained_adapters) > 1 and training_args is not None:
+            # With several students per batch, DDP's search for unused parameters (the Trainer's default for PEFT
+            # models) walks only the last student's graph and then marks the other students' parameters ready a
+            # second time. Every trained adapter gets a gradient from the summed loss, so the search is not needed.
+            # The Trainer reads this flag when it builds its Accelerator, inside `__init__`.
+            if training_args.ddp_find_unused_parameters:
+                raise ValueError(
+                    "`ddp_find_unused_parameters=True` cannot be used with several `ratios_adapters`: DDP would mark "
+                    "the parameters of all but the last adapter ready twice. Leave it unset (VariatorTrainer sets it "
+                    "to False) or train one adapter per run."
+                )
+            training_args.ddp_find_unused_parameters = False
         super().__init__(*args, **kwargs)
 
     def create_optimizer(self, *args: Any, **kwargs: Any):
@@ -151,7 +167,11 @@ class VariatorTrainer(Trainer):
         if peft_model.active_adapter != active:
             peft_model.set_adapter(active)
             _set_trainable(peft_model, self.trained_adapters)
-        return (loss, outputs) if return_outputs else loss
+        if not return_outputs:
+            return loss
+        # Evaluation collects every output but the loss as predictions; the hidden states were only asked for here.
+        kept = {key: value for key, value in outputs.items() if key not in ("hidden_states", "encoder_hidden_states")}
+        return loss, type(outputs)(**kept)
 
     def _adapter_loss(
         self, adapter: str, student: Any, teacher: Any, mask: torch.Tensor | None, use_task_loss: bool
@@ -233,7 +253,9 @@ def _trained_adapters(model: Any, ratios_adapters: list[str] | None) -> list[str
     if ratios_adapters is None:
         return [peft_model.active_adapter]
     if isinstance(ratios_adapters, str) or not ratios_adapters or len(set(ratios_adapters)) != len(ratios_adapters):
-        raise ValueError(f"`ratios_adapters` must be a non-empty list of distinct adapter names, got {ratios_adapters!r}.")
+        raise ValueError(
+            f"`ratios_adapters` must be a non-empty list of distinct adapter names, got {ratios_adapters!r}."
+        )
     unknown = [name for name in ratios_adapters if name not in variator_adapters]
     if unknown:
         raise ValueError(
@@ -262,6 +284,6 @@ def _compressed_layers(model: PeftModel, adapter: str) -> list[int]:
 
 
 def _is_causal_lm(model: PeftModel) -> bool:
-    if any(str(config.task_type) == "CAUSAL_LM" for config in model.peft_config.values()):
+    if any(config.task_type == "CAUSAL_LM" for config in model.peft_config.values()):
         return True
     return type(model.get_base_model()).__name__ in MODEL_FOR_CAUSAL_LM_MAPPING_NAMES.values()

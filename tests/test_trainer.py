@@ -1,0 +1,533 @@
+"""VariatorTrainer: the distillation loss, which weights it trains, multi-ratio runs, checkpoints and resuming, and
+the Trainer features it must keep (gradient checkpointing, mixed precision), plus plain `transformers.Trainer`."""
+
+from __future__ import annotations
+
+import os
+
+import pytest
+import torch
+from conftest import randomize_plugins
+from datasets import Dataset
+from peft import PeftModel, get_peft_model
+from safetensors import safe_open
+from transformers import (
+    AutoModelForSequenceClassification,
+    AutoTokenizer,
+    BertConfig,
+    BertForSequenceClassification,
+    DataCollatorWithPadding,
+    LlamaConfig,
+    LlamaForCausalLM,
+    Trainer,
+    TrainingArguments,
+)
+
+from peft_variator import VariatorConfig
+from peft_variator.layer import VariatorLayer
+from peft_variator.trainer import VariatorTrainer, logits_kl, masked_mse
+
+VOCAB, PAD = 100, 0
+
+
+def tiny_bert(layers: int = 2) -> BertForSequenceClassification:
+    config = BertConfig(
+        vocab_size=VOCAB,
+        hidden_size=32,
+        num_hidden_layers=layers,
+        num_attention_heads=4,
+        intermediate_size=64,
+        num_labels=3,
+        hidden_dropout_prob=0.0,
+        attention_probs_dropout_prob=0.0,
+    )
+    return BertForSequenceClassification(config)
+
+
+def tiny_llama() -> LlamaForCausalLM:
+    config = LlamaConfig(
+        vocab_size=VOCAB,
+        hidden_size=32,
+        intermediate_size=64,
+        num_hidden_layers=2,
+        num_attention_heads=4,
+        num_key_value_heads=2,
+        pad_token_id=PAD,
+    )
+    return LlamaForCausalLM(config)
+
+
+def token_dataset(rows: int = 32, labels: str = "class", seed: int = 0) -> Dataset:
+    """Random token sequences of 5 to 19 tokens; `labels` is "class" (an int), "lm" (the ids) or "none"."""
+    generator = torch.Generator().manual_seed(seed)
+    data = []
+    for length in torch.randint(5, 20, (rows,), generator=generator).tolist():
+        ids = torch.randint(1, VOCAB, (length,), generator=generator).tolist()
+        row = {"input_ids": ids}
+        if labels == "class":
+            row["labels"] = sum(ids) % 3
+        elif labels == "lm":
+            row["labels"] = ids
+        data.append(row)
+    return Dataset.from_list(data)
+
+
+def collate(rows: list[dict], pad_id: int = PAD) -> dict[str, torch.Tensor]:
+    """Right-pads `input_ids` (and sequence `labels` with -100) and builds the attention mask."""
+    longest = max(len(row["input_ids"]) for row in rows)
+    batch = {
+        "input_ids": torch.tensor([row["input_ids"] + [pad_id] * (longest - len(row["input_ids"])) for row in rows]),
+        "attention_mask": torch.tensor(
+            [[1] * len(row["input_ids"]) + [0] * (longest - len(row["input_ids"])) for row in rows]
+        ),
+    }
+    if "labels" in rows[0]:
+        if isinstance(rows[0]["labels"], list):
+            batch["labels"] = torch.tensor([row["labels"] + [-100] * (longest - len(row["labels"])) for row in rows])
+        else:
+            batch["labels"] = torch.tensor([row["labels"] for row in rows])
+    return batch
+
+
+def training_args(output_dir, **overrides) -> TrainingArguments:
+    settings = dict(
+        per_device_train_batch_size=8,
+        max_steps=8,
+        learning_rate=1e-2,
+        lr_scheduler_type="constant",
+        save_strategy="no",
+        logging_strategy="no",
+        report_to=[],
+        use_cpu=True,
+        seed=0,
+        disable_tqdm=True,
+    )
+    settings.update(overrides)
+    return TrainingArguments(str(output_dir), **settings)
+
+
+def variator_bert(**config) -> PeftModel:
+    config.setdefault("adapter_dim", 8)
+    return get_peft_model(tiny_bert(), VariatorConfig(ratio=4, **config))
+
+
+def snapshot(model: torch.nn.Module) -> dict[str, torch.Tensor]:
+    return {name: parameter.detach().clone() for name, parameter in model.named_parameters()}
+
+
+def changed(model: torch.nn.Module, before: dict[str, torch.Tensor]) -> set[str]:
+    return {name for name, parameter in model.named_parameters() if not torch.equal(parameter, before[name])}
+
+
+def distillation_loss(trainer: VariatorTrainer, batch: dict[str, torch.Tensor]) -> float:
+    with torch.no_grad():
+        return trainer.compute_loss(trainer.model, dict(batch)).item()
+
+
+# The loss
+
+
+def test_distillation_lowers_the_loss_and_changes_only_plugin_weights(tmp_path):
+    model = variator_bert()
+    # Far from the untrained start (average pooling), which is already close to a tiny random BERT.
+    randomize_plugins(model, std=0.2)
+    data = token_dataset(64, labels="none")
+    trainer = VariatorTrainer(
+        model=model, args=training_args(tmp_path, max_steps=16), train_dataset=data, data_collator=collate
+    )
+    batch = collate([data[i] for i in range(16)])
+    before_loss, before = distillation_loss(trainer, batch), snapshot(model)
+
+    trainer.train()
+
+    assert distillation_loss(trainer, batch) < 0.2 * before_loss
+    moved = changed(model, before)
+    plugin_names = {name for name, _ in model.named_parameters() if "variator_" in name}
+    assert moved == plugin_names
+
+
+def test_loss_is_task_loss_plus_weighted_hidden_state_mse_of_the_last_layer(tmp_path):
+    model = variator_bert()
+    randomize_plugins(model)
+    trainer = VariatorTrainer(
+        model=model, args=training_args(tmp_path), distill_weight=3.0, task_weight=0.5, data_collator=collate
+    )
+    batch = collate([token_dataset(4)[i] for i in range(4)])
+    with torch.no_grad():
+        with model.disable_adapter():
+            teacher = model(**batch, output_hidden_states=True)
+        student = model(**batch, output_hidden_states=True)
+        expected = 0.5 * student.loss + 3.0 * masked_mse(
+            student.hidden_states[-1], teacher.hidden_states[-1], batch["attention_mask"]
+        )
+    assert distillation_loss(trainer, batch) == pytest.approx(expected.item(), rel=1e-5)
+
+
+def test_padded_tokens_do_not_enter_the_distillation_loss(tmp_path):
+    model = variator_bert()
+    randomize_plugins(model)
+    trainer = VariatorTrainer(model=model, args=training_args(tmp_path), task_weight=0.0, data_collator=collate)
+    rows = [token_dataset(4, labels="none")[i] for i in range(4)]
+    assert len({len(row["input_ids"]) for row in rows}) > 1
+    # Different pad ids give padded positions different hidden states, but must give the same loss.
+    assert distillation_loss(trainer, collate(rows, pad_id=0)) == pytest.approx(
+        distillation_loss(trainer, collate(rows, pad_id=7)), rel=1e-6
+    )
+
+
+def test_masked_mse_averages_over_real_tokens_only():
+    student, teacher = torch.zeros(2, 3, 4), torch.zeros(2, 3, 4)
+    student[0, 0] = 2.0  # real: squared error 4
+    student[1, 2] = 100.0  # padding
+    mask = torch.tensor([[1, 1, 0], [1, 1, 0]])
+    assert masked_mse(student, teacher, mask).item() == pytest.approx(4.0 / 4)
+    assert masked_mse(student, teacher, None).item() == pytest.approx((4.0 + 10000.0) / 6)
+
+
+def test_distill_layers_all_matches_the_output_of_each_compressed_layer(tmp_path):
+    model = get_peft_model(tiny_bert(layers=3), VariatorConfig(ratio=2, adapter_dim=8, layers_to_transform=[0, 2]))
+    randomize_plugins(model)
+    trainer = VariatorTrainer(
+        model=model, args=training_args(tmp_path), task_weight=0.0, distill_layers="all", data_collator=collate
+    )
+    batch = collate([token_dataset(4)[i] for i in range(4)])
+    with torch.no_grad():
+        with model.disable_adapter():
+            teacher = model(**batch, output_hidden_states=True).hidden_states
+        student = model(**batch, output_hidden_states=True).hidden_states
+    mask = batch["attention_mask"]
+    # hidden_states[i + 1] is layer i's output: layers 0 and 2 are compressed, layer 1 is not.
+    expected = (masked_mse(student[1], teacher[1], mask) + masked_mse(student[3], teacher[3], mask)) / 2
+    assert distillation_loss(trainer, batch) == pytest.approx(expected.item(), rel=1e-5)
+
+
+def test_logits_kl_is_zero_for_equal_logits_and_scaled_by_temperature_squared():
+    teacher = torch.randn(4, 3)
+    assert logits_kl(teacher, teacher, None).item() == pytest.approx(0.0, abs=1e-6)
+    student = torch.randn(4, 3)
+    expected = torch.nn.functional.kl_div(
+        (student / 2).log_softmax(-1), (teacher / 2).log_softmax(-1), log_target=True, reduction="batchmean"
+    )
+    assert logits_kl(student, teacher, None, temperature=2.0).item() == pytest.approx(4 * expected.item(), rel=1e-5)
+
+
+def test_logits_weight_adds_the_kl_between_student_and_teacher_logits(tmp_path):
+    model = variator_bert()
+    randomize_plugins(model, std=0.3)
+    trainer = VariatorTrainer(
+        model=model,
+        args=training_args(tmp_path),
+        distill_weight=0.0,
+        task_weight=0.0,
+        logits_weight=1.0,
+        logits_temperature=2.0,
+        data_collator=collate,
+    )
+    batch = collate([token_dataset(4)[i] for i in range(4)])
+    with torch.no_grad():
+        with model.disable_adapter():
+            teacher = model(**batch).logits
+        student = model(**batch).logits
+    loss = distillation_loss(trainer, batch)
+    assert loss > 0
+    assert loss == pytest.approx(logits_kl(student, teacher, None, 2.0).item(), rel=1e-5)
+
+
+@pytest.mark.parametrize(
+    ("kwargs", "argument"),
+    [
+        ({"distill_layers": "first"}, "distill_layers"),
+        ({"distill_weight": -1.0}, "distill_weight"),
+        ({"distill_weight": 0.0, "task_weight": 0.0}, "nothing to train"),
+        ({"logits_temperature": 0.0}, "logits_temperature"),
+        ({"ratios_adapters": ["default", "missing"]}, "missing"),
+        ({"ratios_adapters": "default"}, "ratios_adapters"),
+    ],
+)
+def test_bad_arguments_raise_naming_the_argument(tmp_path, kwargs, argument):
+    with pytest.raises(ValueError, match=argument):
+        VariatorTrainer(model=variator_bert(), args=training_args(tmp_path), **kwargs)
+
+
+def test_a_model_without_variator_plugins_is_refused(tmp_path):
+    with pytest.raises(ValueError, match="get_peft_model"):
+        VariatorTrainer(model=tiny_bert(), args=training_args(tmp_path))
+
+
+# Causal language models
+
+
+def test_causal_lm_task_loss_through_compressed_prompts_is_refused(tmp_path):
+    model = get_peft_model(tiny_llama(), VariatorConfig(ratio=4, adapter_dim=8))
+    trainer = VariatorTrainer(
+        model=model, args=training_args(tmp_path), train_dataset=token_dataset(16, "lm"), data_collator=collate
+    )
+    with pytest.raises(ValueError, match="task_weight"):
+        trainer.train()
+
+
+def test_causal_lm_plugins_train_by_distillation_alone(tmp_path):
+    model = get_peft_model(tiny_llama(), VariatorConfig(ratio=4, adapter_dim=8))
+    randomize_plugins(model, std=0.2)
+    data = token_dataset(64, "lm")
+    trainer = VariatorTrainer(
+        model=model,
+        args=training_args(tmp_path, max_steps=16),
+        task_weight=0.0,
+        train_dataset=data,
+        data_collator=collate,
+    )
+    batch = collate([data[i] for i in range(16)])
+    before_loss, before = distillation_loss(trainer, batch), snapshot(model)
+    trainer.train()
+    assert distillation_loss(trainer, batch) < 0.7 * before_loss
+    assert changed(model, before) == {name for name, _ in model.named_parameters() if "variator_" in name}
+
+
+# Several adapters
+
+
+def two_ratio_bert() -> PeftModel:
+    model = get_peft_model(
+        tiny_bert(), VariatorConfig(ratio=4, adapter_dim=8, modules_to_save=["classifier"]), adapter_name="ratio4"
+    )
+    model.add_adapter("ratio2", VariatorConfig(ratio=2, adapter_dim=8, modules_to_save=["classifier"]))
+    return model
+
+
+def test_several_ratios_share_one_teacher_forward_per_batch(tmp_path):
+    model = two_ratio_bert()
+    calls: list[str | None] = []
+    first_layer = next(module for module in model.modules() if isinstance(module, VariatorLayer))
+    model.get_base_model().bert.register_forward_pre_hook(lambda *_: calls.append(first_layer.active_plugin()))
+    trainer = VariatorTrainer(
+        model=model,
+        args=training_args(tmp_path, max_steps=3),
+        train_dataset=token_dataset(24),
+        data_collator=collate,
+        ratios_adapters=["ratio4", "ratio2"],
+    )
+    trainer.train()
+    assert calls == [None, "ratio4", "ratio2"] * 3
+
+
+def test_several_ratios_are_trained_together_and_saved_as_separate_adapters(tmp_path):
+    model = two_ratio_bert()
+    before = snapshot(model)
+    trainer = VariatorTrainer(
+        model=model,
+        args=training_args(tmp_path / "run"),
+        train_dataset=token_dataset(32),
+        data_collator=collate,
+        ratios_adapters=["ratio4", "ratio2"],
+    )
+    trainer.train()
+    moved = changed(model, before)
+    for adapter in ("ratio4", "ratio2"):
+        own = {name for name, _ in model.named_parameters() if f".{adapter}." in name}
+        assert own and own <= moved
+
+    model.save_pretrained(tmp_path / "saved")
+    batch = collate([token_dataset(4)[i] for i in range(4)])
+    base = tiny_bert()
+    base.load_state_dict(model.get_base_model().state_dict(), strict=False)
+    for adapter in ("ratio4", "ratio2"):
+        model.set_adapter(adapter)
+        with torch.no_grad():
+            expected = model(**batch).logits
+        path = tmp_path / "saved" / adapter
+        reloaded = PeftModel.from_pretrained(fresh_copy_of_base(model), path, adapter_name=adapter)
+        with torch.no_grad():
+            torch.testing.assert_close(reloaded(**batch).logits, expected)
+    assert not torch.allclose(expected, base(**batch).logits)
+
+
+def fresh_copy_of_base(model: PeftModel) -> BertForSequenceClassification:
+    """A new tiny BERT holding the (frozen, untouched) base weights of `model`."""
+    base = tiny_bert()
+    own = {
+        name.replace("base_model.model.", "").replace(".base_layer", "").replace(".original_module", ""): parameter
+        for name, parameter in model.named_parameters()
+        if "variator_" not in name and ".modules_to_save." not in name
+    }
+    with torch.no_grad():
+        for name, parameter in base.named_parameters():
+            parameter.copy_(own[name])
+    return base
+
+
+def test_inactive_adapters_stay_frozen_when_one_is_trained(tmp_path):
+    model = two_ratio_bert()  # "ratio4" is active
+    before = snapshot(model)
+    trainer = VariatorTrainer(
+        model=model, args=training_args(tmp_path), train_dataset=token_dataset(32), data_collator=collate
+    )
+    inactive = {name for name, _ in model.named_parameters() if ".ratio2." in name}
+    assert not any(parameter.requires_grad for name, parameter in model.named_parameters() if name in inactive)
+    trainer.train()
+    moved = changed(model, before)
+    assert not moved & inactive
+    assert {name for name in moved if ".ratio4." in name}
+    assert not any(parameter.requires_grad for name, parameter in model.named_parameters() if name in inactive)
+
+
+# Checkpoints
+
+
+def checkpoint_tensors(path) -> set[str]:
+    with safe_open(os.path.join(path, "adapter_model.safetensors"), framework="pt") as file:
+        return set(file.keys())
+
+
+def test_checkpoints_hold_only_plugin_and_head_weights(tmp_path):
+    model = variator_bert(modules_to_save=["classifier"])
+    trainer = VariatorTrainer(
+        model=model,
+        args=training_args(tmp_path, max_steps=2, save_strategy="steps", save_steps=2),
+        train_dataset=token_dataset(16),
+        data_collator=collate,
+    )
+    trainer.train()
+    checkpoint = tmp_path / "checkpoint-2"
+    assert not (checkpoint / "model.safetensors").exists()
+    names = checkpoint_tensors(checkpoint)
+    plugin_tensors = {name for name, _ in model.named_parameters() if "variator_" in name}
+    assert len(names) == len(plugin_tensors) + 2  # + classifier weight and bias
+    assert all("variator_" in name or name.endswith(("classifier.weight", "classifier.bias")) for name in names)
+
+
+def test_resume_from_checkpoint_ends_where_an_uninterrupted_run_ends(tmp_path):
+    def run(output_dir, resume=None, max_steps=6):
+        torch.manual_seed(0)
+        model = variator_bert(modules_to_save=["classifier"])
+        args = training_args(output_dir, max_steps=max_steps, save_strategy="steps", save_steps=3)
+        trainer = VariatorTrainer(model=model, args=args, train_dataset=token_dataset(48), data_collator=collate)
+        trainer.train(resume_from_checkpoint=resume)
+        return model
+
+    uninterrupted = run(tmp_path / "full")
+    run(tmp_path / "cut", max_steps=3)
+    resumed = run(tmp_path / "cut", resume=str(tmp_path / "cut" / "checkpoint-3"))
+    full_state, resumed_state = uninterrupted.state_dict(), resumed.state_dict()
+    trained = [name for name, parameter in uninterrupted.named_parameters() if parameter.requires_grad]
+    assert trained
+    for name in trained:
+        torch.testing.assert_close(resumed_state[name], full_state[name])
+
+
+def test_resume_keeps_training_every_ratio_adapter(tmp_path):
+    def run(output_dir, resume=None, max_steps=4):
+        torch.manual_seed(0)
+        model = two_ratio_bert()
+        args = training_args(output_dir, max_steps=max_steps, save_strategy="steps", save_steps=2)
+        trainer = VariatorTrainer(
+            model=model,
+            args=args,
+            train_dataset=token_dataset(32),
+            data_collator=collate,
+            ratios_adapters=["ratio4", "ratio2"],
+        )
+        trainer.train(resume_from_checkpoint=resume)
+        return model
+
+    uninterrupted = run(tmp_path / "full")
+    run(tmp_path / "cut", max_steps=2)
+    resumed = run(tmp_path / "cut", resume=str(tmp_path / "cut" / "checkpoint-2"))
+    full_state, resumed_state = uninterrupted.state_dict(), resumed.state_dict()
+    for name in full_state:
+        if "variator_" in name or ".modules_to_save." in name:
+            torch.testing.assert_close(resumed_state[name], full_state[name])
+
+
+# Trainer features that must keep working
+
+
+def test_gradient_checkpointing_trains_to_the_same_weights(tmp_path):
+    def run(output_dir, **overrides):
+        torch.manual_seed(0)
+        model = variator_bert()
+        trainer = VariatorTrainer(
+            model=model,
+            args=training_args(output_dir, max_steps=3, **overrides),
+            train_dataset=token_dataset(24),
+            data_collator=collate,
+        )
+        before = snapshot(model)
+        trainer.train()
+        return model, before
+
+    plain, before = run(tmp_path / "plain")
+    checkpointed, _ = run(tmp_path / "checkpointed", gradient_checkpointing=True)
+    assert checkpointed.get_base_model().is_gradient_checkpointing
+    moved = changed(checkpointed, before)
+    assert moved == {name for name, _ in checkpointed.named_parameters() if "variator_" in name}
+    plain_state = plain.state_dict()
+    for name, value in checkpointed.state_dict().items():
+        torch.testing.assert_close(value, plain_state[name])
+
+
+def test_mixed_precision_keeps_plugin_weights_in_float32(tmp_path):
+    model = variator_bert()
+    before = snapshot(model)
+    trainer = VariatorTrainer(
+        model=model,
+        args=training_args(tmp_path, max_steps=2, bf16=True),
+        train_dataset=token_dataset(16),
+        data_collator=collate,
+    )
+    trainer.train()
+    plugins = {name: parameter for name, parameter in model.named_parameters() if "variator_" in name}
+    assert {parameter.dtype for parameter in plugins.values()} == {torch.float32}
+    assert set(plugins) == changed(model, before)
+
+
+def test_plain_trainer_trains_plugins_and_head_with_the_task_loss(tmp_path):
+    model = variator_bert(modules_to_save=["classifier"])
+    before = snapshot(model)
+    trainer = Trainer(
+        model=model, args=training_args(tmp_path), train_dataset=token_dataset(32), data_collator=collate
+    )
+    result = trainer.train()
+    assert result.training_loss > 0
+    moved = changed(model, before)
+    assert moved == {name for name, p in model.named_parameters() if p.requires_grad}
+    assert any("variator_" in name for name in moved)
+    assert any(".modules_to_save." in name for name in moved)
+
+
+def test_evaluate_and_predict_report_the_loss_and_the_logits_only(tmp_path):
+    model = variator_bert()
+    data = token_dataset(12)
+    trainer = VariatorTrainer(
+        model=model,
+        args=training_args(tmp_path, per_device_eval_batch_size=4),
+        eval_dataset=data,
+        data_collator=collate,
+    )
+    assert trainer.evaluate()["eval_loss"] > 0
+    prediction = trainer.predict(data)
+    assert prediction.predictions.shape == (12, 3)
+
+
+# A real model
+
+
+def test_short_run_on_real_minilm_reduces_the_distillation_loss(tmp_path, minilm_path):
+    from peft_variator.data import load_tweets, tokenize
+
+    tokenizer = AutoTokenizer.from_pretrained(minilm_path)
+    model = AutoModelForSequenceClassification.from_pretrained(minilm_path, num_labels=3)
+    model = get_peft_model(model, VariatorConfig(ratio=4))
+    data = tokenize(load_tweets()["train"].select(range(64)), tokenizer, max_length=32)
+    trainer = VariatorTrainer(
+        model=model,
+        args=training_args(tmp_path, max_steps=6, learning_rate=1e-3),
+        task_weight=0.0,
+        train_dataset=data,
+        data_collator=DataCollatorWithPadding(tokenizer),
+    )
+    batch = DataCollatorWithPadding(tokenizer)([data[i] for i in range(16)])
+    batch.pop("labels")
+    before_loss = distillation_loss(trainer, batch)
+    trainer.train()
+    assert distillation_loss(trainer, batch) < 0.9 * before_loss

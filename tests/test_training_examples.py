@@ -1,0 +1,64 @@
+"""The two training examples run end to end, offline, on the real all-MiniLM-L6-v2 and the bundled tweets, and
+stage 2 starts from the plugins stage 1 wrote."""
+
+from __future__ import annotations
+
+import os
+import re
+import subprocess
+import sys
+
+import torch
+from safetensors.torch import load_file
+
+EXAMPLES = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "examples")
+TINY = ["--max-length", "16", "--batch-size", "8"]
+
+
+def run_example(name: str, *arguments: str) -> str:
+    result = subprocess.run(
+        [sys.executable, os.path.join(EXAMPLES, name), *arguments],
+        capture_output=True,
+        text=True,
+        timeout=300,
+        env={**os.environ, "HF_HUB_OFFLINE": "1", "HF_DATASETS_OFFLINE": "1"},
+    )
+    assert result.returncode == 0, result.stderr[-3000:]
+    return result.stdout
+
+
+def plugin_weights(directory) -> dict[str, torch.Tensor]:
+    return load_file(os.path.join(directory, "adapter_model.safetensors"))
+
+
+def test_pretrained_plugins_are_adapted_to_a_fine_tuned_model(tmp_path):
+    pretrained = tmp_path / "pretrained"
+    run_example(
+        "pretrain_plugins.py", "--ratios", "4", "8", "--max-examples", "16", *TINY, "--output-dir", str(pretrained)
+    )
+    for ratio in (4, 8):
+        weights = plugin_weights(pretrained / f"ratio{ratio}")
+        assert weights and all("variator_" in name for name in weights)
+        # Zero-initialised up-projections are nonzero only after training.
+        assert all(w.abs().sum() > 0 for name, w in weights.items() if name.endswith("up.weight"))
+
+    adapted = tmp_path / "adapted"
+    output = run_example(
+        "adapt_plugins.py",
+        "--plugins",
+        str(pretrained / "ratio4"),
+        "--finetune-examples",
+        "16",
+        "--max-examples",
+        "16",
+        "--eval-examples",
+        "16",
+        *TINY,
+        "--output-dir",
+        str(adapted),
+    )
+    assert re.search(r"uncompressed accuracy: \d+\.\d\d%", output)
+    assert re.search(r"ratio4 \(ratio 4\) accuracy: \d+\.\d\d%", output)
+    before, after = plugin_weights(pretrained / "ratio4"), plugin_weights(adapted / "ratio4")
+    assert set(before) == set(after)
+    assert any(not torch.equal(before[name], after[name]) for name in before)
