@@ -19,9 +19,9 @@ import importlib.util
 import json
 import os
 import statistics
+import sys
 import time
-import types
-from collections.abc import Callable, Iterator
+from collections.abc import Callable
 from dataclasses import dataclass
 
 import torch
@@ -30,8 +30,11 @@ from transformers import AutoModel, BertConfig, BertModel, LlamaConfig, LlamaMod
 
 import peft_variator  # noqa: F401  (registers the method)
 from peft_variator import VariatorConfig
-from peft_variator.layer import VariatorFFN, VariatorFFNInput, VariatorFFNOutput, VariatorLayer
+from peft_variator.layer import VariatorFFN, VariatorFFNInput, VariatorFFNOutput
 from peft_variator.plugin import compress, decompress
+
+sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
+from layer_patches import replaced_forwards  # noqa: E402
 
 
 @dataclass
@@ -89,18 +92,11 @@ def _pooled_output(self, intermediate, *args, **kwargs):
     return decompress(self.base_layer(intermediate, *args, **kwargs), tokens, layout)
 
 
-@contextlib.contextmanager
-def zero_cost_plugins(model: torch.nn.Module) -> Iterator[None]:
+def zero_cost_plugins(model: torch.nn.Module) -> contextlib.AbstractContextManager[None]:
     """Run every Variator layer as plain mean pooling + repetition (the library's own functions, no weights)."""
-    pooled = {VariatorFFN: _pooled_ffn, VariatorFFNInput: _pooled_input, VariatorFFNOutput: _pooled_output}
-    layers = [m for m in model.modules() if isinstance(m, VariatorLayer)]
-    for layer in layers:
-        layer.forward = types.MethodType(pooled[type(layer)], layer)
-    try:
-        yield
-    finally:
-        for layer in layers:
-            del layer.forward
+    return replaced_forwards(
+        model, {VariatorFFN: _pooled_ffn, VariatorFFNInput: _pooled_input, VariatorFFNOutput: _pooled_output}
+    )
 
 
 def run_case(case: Case, ratios: list[int], repeats: int, warmup: int) -> dict:

@@ -14,13 +14,12 @@ from __future__ import annotations
 
 import contextlib
 import math
-import types
-from collections.abc import Iterator
 
 import torch
 import torch.nn.functional as F
+from layer_patches import replaced_forwards
 
-from peft_variator.layer import VariatorFFN, VariatorFFNInput, VariatorFFNOutput, VariatorLayer
+from peft_variator.layer import VariatorFFN, VariatorFFNInput, VariatorFFNOutput
 
 
 def merge_round(x: torch.Tensor, sizes: torch.Tensor, r: int) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
@@ -93,16 +92,7 @@ def _output(self, intermediate, *args, **kwargs):
     return unmerge_tokens(self.base_layer(intermediate, *args, **kwargs), index)
 
 
-@contextlib.contextmanager
-def merge_before_ffns(model: torch.nn.Module) -> Iterator[None]:
+def merge_before_ffns(model: torch.nn.Module) -> contextlib.AbstractContextManager[None]:
     """Within the block, every Variator layer of `model` merges tokens ToMe-style at its active adapter's ratio
     instead of running its plugin. Batches must not hold padding (evaluate padded data one sequence at a time)."""
-    patched = {VariatorFFN: _ffn, VariatorFFNInput: _input, VariatorFFNOutput: _output}
-    layers = [m for m in model.modules() if isinstance(m, VariatorLayer)]
-    for layer in layers:
-        layer.forward = types.MethodType(patched[type(layer)], layer)
-    try:
-        yield
-    finally:
-        for layer in layers:
-            del layer.forward
+    return replaced_forwards(model, {VariatorFFN: _ffn, VariatorFFNInput: _input, VariatorFFNOutput: _output})
