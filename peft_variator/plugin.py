@@ -176,10 +176,13 @@ class DecompressionAdapter(NamedTuple):
     def bottleneck(self, ffn_output: torch.Tensor, tokens: torch.Tensor, layout: GroupLayout) -> torch.Tensor:
         """`(B, G, H)` FFN output and `(B, N, H)` FFN input -> `(B * N, adapter_dim)` activations."""
         dtype = self.up.weight.dtype
-        from_output = repeat_groups(self.down_output(ffn_output.to(dtype)), layout).contiguous()
-        # The token half accumulates into the repeated output half inside one GEMM, in place: no extra pass.
-        hidden = from_output.view(-1, from_output.shape[-1])
-        hidden.addmm_(tokens.reshape(-1, tokens.shape[-1]).to(dtype), self.down_token.weight.t())
+        from_output = repeat_groups(self.down_output(ffn_output.to(dtype)), layout)
+        # addmm sums both halves of the down-projection inside one GEMM instead of in an extra pass.
+        hidden = torch.addmm(
+            from_output.reshape(-1, from_output.shape[-1]),
+            tokens.reshape(-1, tokens.shape[-1]).to(dtype),
+            self.down_token.weight.t(),
+        )
         return hidden.relu_()
 
     def correction(self, ffn_output: torch.Tensor, tokens: torch.Tensor, layout: GroupLayout) -> torch.Tensor:
@@ -200,7 +203,9 @@ def decompress(
     """
     if adapter is None:
         return repeat_groups(ffn_output, layout)
-    if layout.token_alone is None and ffn_output.dtype == adapter.up.weight.dtype:
+    # In-place accumulation bypasses autocast, so mixed precision takes the plain path below.
+    fusable = ffn_output.dtype == adapter.up.weight.dtype and not torch.is_autocast_enabled(ffn_output.device.type)
+    if layout.token_alone is None and fusable:
         # The up-projection's bias is added to the G group vectors before repetition and its product accumulates into
         # the repeated output inside the GEMM, so the plugin adds no pass over the (B, N, H) activations.
         # `.contiguous()` copies only where the repetition is still a broadcast view, never `ffn_output` itself.
