@@ -64,9 +64,8 @@ def main() -> None:
     collator = DataCollatorWithPadding(tokenizer)
     base = AutoModelForCausalLM.from_pretrained(directory, gguf_file=gguf_file)
     # GGUF weights are de-quantized to float on load, but the model stays flagged as quantized, which the Trainer
-    # refuses to train. The plugins train on those float weights, so the flag is dropped.
-    base.hf_quantizer = None
-    base.config.quantization_config = None
+    # refuses to train. The plugins train on those float weights, so the flags are cleared.
+    base.hf_quantizer, base.is_quantized = None, False
 
     tweets = tokenize(load_tweets(), tokenizer, max_length=args.max_length).remove_columns("label")
     train = tweets["train"].select(range(args.train_examples))
