@@ -135,6 +135,10 @@ class SplitFFNState(threading.local):
         self.layout: GroupLayout | None = None
         self.tokens: torch.Tensor | None = None
 
+    def __deepcopy__(self, memo: dict) -> SplitFFNState:
+        # Thread-local storage cannot be copied; a copied model's two halves get one fresh, shared hand-over.
+        return type(self)()
+
     def put(self, layout: GroupLayout | None, tokens: torch.Tensor | None) -> None:
         self.layout, self.tokens = layout, tokens
 

@@ -43,6 +43,12 @@ class PaddingContext:
         self._latest = _Recorded()
         self._hook_handles: list[Any] = []
 
+    def __deepcopy__(self, memo: dict) -> PaddingContext:
+        # A deep copy of the model keeps the original's mask-recording hooks (hook functions are not copied), so the
+        # copy's layers must read the context those hooks write. Sharing it is safe: state is per thread and every
+        # forward records its mask before its layers read it.
+        return self
+
     def record(self, attention_mask: torch.Tensor | None) -> None:
         if attention_mask is not None and attention_mask.dim() != 2:
             raise ValueError(

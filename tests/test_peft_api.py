@@ -325,3 +325,18 @@ def test_forwards_from_several_threads_keep_their_own_padding():
             results = list(pool.map(lambda batch: hidden(model, batch), batches))
             for result, reference in zip(results, expected, strict=True):
                 torch.testing.assert_close(result, reference)
+
+
+def test_a_deep_copy_runs_like_the_original():
+    import copy
+
+    model = get_peft_model(tiny_bert(), VariatorConfig(ratio=4))
+    randomize_plugins(model)
+    batch = inputs(batch=3, seq_len=13)
+    clone = copy.deepcopy(model)
+    torch.testing.assert_close(hidden(clone, batch), hidden(model, batch))
+    with torch.no_grad():
+        for name, parameter in clone.named_parameters():
+            if "variator_up" in name:
+                parameter.add_(0.5)
+    assert not torch.allclose(hidden(clone, batch), hidden(model, batch))
