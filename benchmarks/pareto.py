@@ -142,7 +142,7 @@ def main() -> None:
         if not os.path.isdir(path):
             raise SystemExit(f"{path} is missing: run benchmarks/quality.py with --work-dir {args.work_dir} first.")
 
-    tokenizer = AutoTokenizer.from_pretrained(finetuned_dir)
+    tokenizer = AutoTokenizer.from_pretrained(quality["model"])  # quality.py saves the fine-tuned weights only
     collator = DataCollatorWithPadding(tokenizer)
     tweets = tokenize(load_tweets(), tokenizer, max_length=settings["max_length"])
     test = tweets["test"].select(range(quality["test_examples"]))
