@@ -182,3 +182,15 @@ def hidden_size_of(model_config: dict) -> int | None:
     if isinstance(text_config, dict):
         return hidden_size_of(text_config)
     return None
+
+
+def layer_index(key: str, layers_pattern: str | list[str] | None) -> int | None:
+    """The index of the transformer layer a module named `key` is in: the first numbered segment, or the one after
+    `layers_pattern` (e.g. `"layers"`); None when there is none."""
+    patterns = [layers_pattern] if isinstance(layers_pattern, str) else (layers_pattern or [r"[^.]*"])
+    for pattern in patterns:
+        # The first numbered segment is the layer index (not, e.g., an expert index further down).
+        match = re.match(rf"(?:^|.*?\.){pattern}\.(?P<index>\d+)\.", key)
+        if match:
+            return int(match.group("index"))
+    return None

@@ -2,12 +2,18 @@
 
 from __future__ import annotations
 
-import re
-
 from peft.tuners.tuners_utils import BaseTuner, check_target_module_exists
 from torch import nn
 
-from .architectures import FFN_LOCATIONS, ffn_role, find_ffns, hidden_size_of, linear_shapes, pair_split_halves
+from .architectures import (
+    FFN_LOCATIONS,
+    ffn_role,
+    find_ffns,
+    hidden_size_of,
+    layer_index,
+    linear_shapes,
+    pair_split_halves,
+)
 from .config import VariatorConfig
 from .layer import SplitFFNState, VariatorFFN, VariatorFFNInput, VariatorFFNOutput, VariatorLayer
 from .padding import detach_padding_context, padding_context
@@ -113,7 +119,7 @@ class VariatorModel(BaseTuner):
         # PEFT applies `layers_to_transform` to lists of names only; Variator's defaults are regexes, so apply it
         # here too instead of silently ignoring it.
         if found and isinstance(peft_config.target_modules, str) and peft_config.layers_to_transform is not None:
-            found = _layer_index(key, peft_config.layers_pattern) in _as_list(peft_config.layers_to_transform)
+            found = layer_index(key, peft_config.layers_pattern) in _as_list(peft_config.layers_to_transform)
         return found
 
     def _create_and_replace(
@@ -194,13 +200,3 @@ def _remove_variator_tags(model: nn.Module) -> None:
 
 def _as_list(value: int | list[int]) -> list[int]:
     return [value] if isinstance(value, int) else list(value)
-
-
-def _layer_index(key: str, layers_pattern: str | list[str] | None) -> int | None:
-    patterns = [layers_pattern] if isinstance(layers_pattern, str) else (layers_pattern or [r"[^.]*"])
-    for pattern in patterns:
-        # The first numbered segment is the layer index (not, e.g., an expert index further down).
-        match = re.match(rf"(?:^|.*?\.){pattern}\.(?P<index>\d+)\.", key)
-        if match:
-            return int(match.group("index"))
-    return None

@@ -21,9 +21,9 @@ from torch import nn
 from transformers import Trainer
 from transformers.models.auto.modeling_auto import MODEL_FOR_CAUSAL_LM_MAPPING_NAMES
 
+from .architectures import layer_index
 from .config import VariatorConfig
 from .layer import VariatorLayer
-from .model import _layer_index
 from .registration import PREFIX
 
 _DISTILL_LAYERS = ("last", "all")
@@ -276,7 +276,7 @@ def _compressed_layers(model: PeftModel, adapter: str) -> list[int]:
     """Indices of the transformer layers whose FFN has a plugin of `adapter`, in order."""
     pattern = model.peft_config[adapter].layers_pattern
     indices = {
-        _layer_index(name, pattern)
+        layer_index(name, pattern)
         for name, module in model.named_modules()
         if isinstance(module, VariatorLayer) and adapter in module.ratio
     }
