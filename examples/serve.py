@@ -351,7 +351,9 @@ def create_app(service: Service) -> FastAPI:
         return JSONResponse(status_code=422, content={"detail": message})
 
     async def answer(kind: str, text_model: TextModel, request: TextRequest) -> dict[str, Any]:
-        texts = _validated_texts(request, text_model)
+        texts, num_tokens = _validated_texts(request, text_model)
+        # Arrivals, not batches: the scheduler sees a burst coming before the queue shows it.
+        text_model.scheduler.record_arrival(num_tokens)
         try:
             results = await service.batchers[kind].submit(texts)
         except RuntimeError as error:
@@ -399,7 +401,8 @@ def create_app(service: Service) -> FastAPI:
     return app
 
 
-def _validated_texts(request: TextRequest, text_model: TextModel) -> list[str]:
+def _validated_texts(request: TextRequest, text_model: TextModel) -> tuple[list[str], int]:
+    """The request's texts, and their tokens in all; a 4xx for anything the model cannot take."""
     if (request.text is None) == (request.texts is None):
         raise HTTPException(status_code=422, detail='Send exactly one of "text" (a string) or "texts" (a list).')
     texts = [request.text] if request.text is not None else request.texts
@@ -409,17 +412,20 @@ def _validated_texts(request: TextRequest, text_model: TextModel) -> list[str]:
         raise HTTPException(
             status_code=413, detail=f'"texts" holds {len(texts)} texts; at most {MAX_TEXTS_PER_REQUEST} per request.'
         )
+    num_tokens = 0
     for index, text in enumerate(texts):
         where = '"text"' if request.text is not None else f'"texts"[{index}]'
         if not text.strip():
             raise HTTPException(status_code=422, detail=f"{where} is empty; send some text.")
         # A cheap bound first, so a huge body is refused without tokenizing it (a token is at least one character).
-        if len(text) > 50 * text_model.max_tokens or text_model.count_tokens(text) > text_model.max_tokens:
+        text_tokens = text_model.count_tokens(text) if len(text) <= 50 * text_model.max_tokens else None
+        if text_tokens is None or text_tokens > text_model.max_tokens:
             raise HTTPException(
                 status_code=413,
                 detail=f"{where} is longer than {text_model.max_tokens} tokens, the limit; shorten or split it.",
             )
-    return texts
+        num_tokens += text_tokens
+    return texts, num_tokens
 
 
 def build_service(

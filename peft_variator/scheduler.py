@@ -4,6 +4,10 @@ One deployed model carries plugins of several ratios (Variator's point: Xiao et 
 loop hands each batch to a `RatioScheduler`, which predicts every adapter's latency from a per-adapter cost model
 (`latency = intercept + per_token * tokens`), adds the time the batch already waited, and runs the batch with the
 least compression that still fits the budget: uncompressed when the server is idle, stronger ratios under a burst.
+
+A server that also reports its arrivals (`record_arrival`) gets a second guard: a choice that could not keep up with
+the tokens arriving (its utilization above `max_utilization`) is passed over even while the queue is still short,
+so a burst is met with compression from its first batches instead of once a backlog has already built up.
 """
 
 from __future__ import annotations
@@ -82,6 +86,10 @@ class LatencyModel:
         """Predicted latency in milliseconds of a batch of `tokens` tokens."""
         return self.scale * (self.intercept_ms + self.per_token_ms * tokens)
 
+    def marginal_ms_per_token(self) -> float:
+        """What one more token in a batch costs, in milliseconds."""
+        return self.scale * self.per_token_ms
+
     def update(self, tokens: float, latency_ms: float) -> None:
         """Learn from one observed batch."""
         expected = self.intercept_ms + self.per_token_ms * tokens
@@ -97,6 +105,32 @@ class LatencyModel:
         )
 
 
+class ArrivalRate:
+    """Tokens arriving per second, counted over a sliding window of `window_ms`.
+
+    Not thread-safe on its own: the scheduler guards it.
+    """
+
+    def __init__(self, window_ms: float) -> None:
+        _check_number("load_window_ms", window_ms, minimum=0.0, strict=True)
+        self.window_s = window_ms / 1000.0
+        self._arrivals: deque[tuple[float, int]] = deque()
+        self._tokens = 0
+
+    def add(self, at_s: float, num_tokens: int) -> None:
+        self._arrivals.append((at_s, num_tokens))
+        self._tokens += num_tokens
+        self._forget_before(at_s - self.window_s)
+
+    def tokens_per_s(self, now_s: float) -> float:
+        self._forget_before(now_s - self.window_s)
+        return self._tokens / self.window_s
+
+    def _forget_before(self, start_s: float) -> None:
+        while self._arrivals and self._arrivals[0][0] <= start_s:
+            self._tokens -= self._arrivals.popleft()[1]
+
+
 @dataclass(frozen=True)
 class Decision:
     """What the scheduler did with one batch.
@@ -109,6 +143,7 @@ class Decision:
             scheduler's lock.
         latency_ms: observed run time of the model (switching included).
         budget_ms: the latency budget when the batch was scheduled.
+        arrival_tokens_per_s: the arrival rate the choice was made for (0 when no arrivals are recorded).
     """
 
     adapter: str | None
@@ -117,6 +152,7 @@ class Decision:
     queue_delay_ms: float
     latency_ms: float
     budget_ms: float
+    arrival_tokens_per_s: float = 0.0
 
     @property
     def total_ms(self) -> float:
@@ -142,6 +178,10 @@ class RatioScheduler:
             share a device, so their batches run one at a time and the wait counts as queue delay.
         smoothing: weight of each observed batch in the online refinement of the cost models (see `LatencyModel`).
         history: how many recent batches `stats()` computes percentiles over.
+        max_utilization: with arrivals recorded (`record_arrival`), a choice is only taken if it would be busy at
+            most this share of the time at the current arrival rate. Below 1 on purpose: a queue served at a
+            utilization close to 1 grows long under the randomness of real traffic.
+        load_window_ms: the arrival rate is the tokens recorded in this many recent milliseconds.
 
     The model is one shared object: `__call__` switches adapters and runs under a lock, so several threads may
     serve from the same scheduler. The lock is required, not only tidy: a Variator model keeps the current forward's
@@ -158,6 +198,8 @@ class RatioScheduler:
         lock: threading.Lock | threading.RLock | None = None,
         smoothing: float = 0.2,
         history: int = 10_000,
+        max_utilization: float = 0.9,
+        load_window_ms: float = 500.0,
     ) -> None:
         self.model = model
         self.adapters = _order_by_compression(model, adapters)
@@ -171,6 +213,11 @@ class RatioScheduler:
         self._counts: dict[str | None, int] = {}
         self._sequences: dict[str | None, int] = {}
         self._misses = 0
+        _check_number("max_utilization", max_utilization, minimum=0.0, strict=True)
+        self.max_utilization = float(max_utilization)
+        self._arrivals = ArrivalRate(load_window_ms)
+        self._arrivals_recorded = False
+        self._padding_factor = 1.0
 
     @property
     def latency_budget_ms(self) -> float:
@@ -231,24 +278,55 @@ class RatioScheduler:
             )
         return self.cost_models[adapter].predict(num_tokens)
 
-    def choose(self, num_tokens: int, queue_delay_ms: float = 0.0, backlog_tokens: int = 0) -> str | None:
+    def choose(
+        self,
+        num_tokens: int,
+        queue_delay_ms: float = 0.0,
+        backlog_tokens: int = 0,
+        arrival_tokens_per_s: float = 0.0,
+    ) -> str | None:
         """The least compression whose predicted latency plus `queue_delay_ms` fits the budget; the strongest
         compression when none fits.
 
         `backlog_tokens` are queued behind this batch: their requests wait for this batch and then for their own
         run (predicted as one more batch of that size, with the same adapter), and must fit the budget too. That
         makes a burst switch to compression as soon as the queue builds up, not only once its oldest request is late.
+
+        `arrival_tokens_per_s` is the rate at which padded tokens arrive. A choice fits only if it keeps up with
+        them: its cost per extra token times that rate, the share of time it would be busy, is at most
+        `max_utilization`. The fixed cost per batch is left out: under a load heavy enough for this to matter,
+        batches are full and it is spread over many tokens. Without a rate (0), only the latencies decide.
         """
         _check_count("num_tokens", num_tokens)
         _check_count("backlog_tokens", backlog_tokens)
         _check_number("queue_delay_ms", queue_delay_ms, minimum=0.0)
+        _check_number("arrival_tokens_per_s", arrival_tokens_per_s, minimum=0.0)
         budget = self.latency_budget_ms
         for adapter in self.adapters:
             run_ms = self.predict(adapter, num_tokens)
             backlog_ms = self.predict(adapter, backlog_tokens) if backlog_tokens else 0.0
-            if queue_delay_ms + run_ms <= budget and run_ms + backlog_ms <= budget:
+            utilization = arrival_tokens_per_s * self.cost_models[adapter].marginal_ms_per_token() / 1000.0
+            fits_latency = queue_delay_ms + run_ms <= budget and run_ms + backlog_ms <= budget
+            if fits_latency and utilization <= self.max_utilization:
                 return adapter
         return self.adapters[-1]
+
+    def record_arrival(self, num_tokens: int) -> None:
+        """Tell the scheduler that a request of `num_tokens` real tokens arrived (call it as requests come in,
+        before they are batched). Once arrivals are recorded, every choice must also keep up with their rate; see
+        `choose` and `max_utilization`."""
+        _check_count("num_tokens", num_tokens)
+        with self._stats_lock:
+            self._arrivals.add(self.clock(), num_tokens)
+            self._arrivals_recorded = True
+
+    def arrival_rate(self, padding_factor: float = 1.0) -> float:
+        """Tokens per second recorded by `record_arrival` over the last `load_window_ms`, times `padding_factor`
+        (padded / real tokens of the batches they will be served in); 0 when no arrivals are recorded."""
+        with self._stats_lock:
+            if not self._arrivals_recorded:
+                return 0.0
+            return self._arrivals.tokens_per_s(self.clock()) * padding_factor
 
     def run(
         self, batch: Mapping[str, Any], queue_delay_ms: float = 0.0, backlog_tokens: int = 0
@@ -266,12 +344,18 @@ class RatioScheduler:
             start = self.clock()
             waited_ms = queue_delay_ms + (start - arrived) * 1000.0
             budget_ms = self.latency_budget_ms
-            adapter = self.choose(num_tokens, waited_ms, backlog_tokens)
+            # Arrivals are counted in real tokens, batches are run (and costed) padded. A batch of one request
+            # has no padding, full batches under load have much: the recent batches' mean is the better guess of
+            # how the arriving requests will be padded, unless this batch already carries more.
+            padding = num_tokens / max(_real_tokens(batch), 1)
+            self._padding_factor += self.smoothing * (padding - self._padding_factor)
+            arrival_rate = self.arrival_rate(max(padding, self._padding_factor))
+            adapter = self.choose(num_tokens, waited_ms, backlog_tokens, arrival_rate)
             predicted_ms = self.cost_models[adapter].predict(num_tokens)
             output = self._run(adapter, batch)
             latency_ms = (self.clock() - start) * 1000.0
             self.cost_models[adapter].update(num_tokens, latency_ms)
-        decision = Decision(adapter, num_tokens, predicted_ms, waited_ms, latency_ms, budget_ms)
+        decision = Decision(adapter, num_tokens, predicted_ms, waited_ms, latency_ms, budget_ms, arrival_rate)
         self._record(decision, _num_sequences(batch))
         return output, decision
 
@@ -303,6 +387,7 @@ class RatioScheduler:
             "batches": sum(counts.values()),
             "sequences": sum(sequences.values()),
             "budget_misses": misses,
+            "arrival_tokens_per_s": self.arrival_rate(),
             "p50_ms": _percentile(totals, 50),
             "p95_ms": _percentile(totals, 95),
             "adapters": per_adapter,
@@ -352,6 +437,14 @@ def count_tokens(batch: Mapping[str, Any]) -> int:
         f"Cannot count the tokens of a batch with keys {sorted(batch)}: it needs an `input_ids` or `attention_mask` "
         "tensor."
     )
+
+
+def _real_tokens(batch: Mapping[str, Any]) -> int:
+    """Tokens that are not padding: the attention mask's sum, or every position without a mask."""
+    mask = batch.get("attention_mask")
+    if isinstance(mask, torch.Tensor):
+        return int(mask.sum())
+    return count_tokens(batch)
 
 
 def _num_sequences(batch: Mapping[str, Any]) -> int:

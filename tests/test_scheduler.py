@@ -142,6 +142,77 @@ def test_a_queue_building_up_behind_the_batch_pushes_towards_more_compression(ti
     assert scheduler_with_costs(tiny_model).choose(30, backlog_tokens=backlog_tokens) == expected
 
 
+@pytest.mark.parametrize(
+    ("arrival_tokens_per_s", "expected"), [(0.0, None), (900.0, None), (1000.0, "ratio2"), (2000.0, "ratio4")]
+)
+def test_a_choice_that_cannot_keep_up_with_arrivals_is_passed_over(tiny_model, arrival_tokens_per_s, expected):
+    # 30 tokens, no queue: every choice fits the 50 ms budget, but each extra token costs 1 ms uncompressed, 0.6 ms
+    # with ratio2, 0.4 ms with ratio4. At 900 tokens/s uncompressed is busy 90% of the time (the limit, inclusive),
+    # at 1000 tokens/s 100% (ratio2 60%), at 2000 tokens/s ratio2 120% (ratio4 80%).
+    scheduler = scheduler_with_costs(tiny_model)
+    assert scheduler.choose(30, arrival_tokens_per_s=arrival_tokens_per_s) == expected
+
+
+def test_when_no_choice_keeps_up_the_strongest_runs(tiny_model):
+    assert scheduler_with_costs(tiny_model).choose(30, arrival_tokens_per_s=10_000.0) == "ratio8"
+
+
+def record_arrivals(scheduler: RatioScheduler, clock: FakeClock, count: int, tokens: int, every_ms: float) -> None:
+    for _ in range(count):
+        clock.advance_ms(every_ms)
+        scheduler.record_arrival(tokens)
+
+
+def test_recorded_arrivals_make_a_burst_compress_before_any_queue_builds_up(tiny_model):
+    clock = FakeClock()
+    scheduler = scheduler_with_costs(tiny_model, clock=clock)
+    # Light load: 5 requests of 30 tokens in the last 500 ms, 300 tokens/s: uncompressed is busy 30% of the time.
+    record_arrivals(scheduler, clock, count=5, tokens=30, every_ms=100.0)
+    assert scheduler.arrival_rate() == pytest.approx(300.0)
+    assert scheduler.run(batch_of(1, 30))[1].adapter is None
+    # A burst: 15 requests in 150 ms. Within the window (the last 500 ms) that is 19 x 30 tokens, 1140 tokens/s.
+    record_arrivals(scheduler, clock, count=15, tokens=30, every_ms=10.0)
+    _, decision = scheduler.run(batch_of(1, 30))
+    assert decision.queue_delay_ms == 0.0
+    assert decision.arrival_tokens_per_s == pytest.approx(1140.0)
+    assert decision.adapter == "ratio2"  # uncompressed would be busy 114% of the time, ratio2 68%
+    # Once the window has passed without arrivals, the model is idle again.
+    clock.advance_ms(600.0)
+    assert scheduler.arrival_rate() == 0.0
+    assert scheduler.run(batch_of(1, 30))[1].adapter is None
+
+
+def test_arrivals_are_scaled_by_the_padding_the_batch_carries(tiny_model):
+    clock = FakeClock()
+    scheduler = scheduler_with_costs(tiny_model, clock=clock)
+    record_arrivals(scheduler, clock, count=10, tokens=30, every_ms=10.0)  # 600 real tokens/s
+    # 2 rows of 30 positions with 45 real tokens: each arriving token will cost 60/45 positions.
+    _, decision = scheduler.run(batch_of(2, 30, padded_row_length=15))
+    assert decision.arrival_tokens_per_s == pytest.approx(800.0)
+
+
+def test_a_lone_request_after_padded_batches_is_still_planned_with_padding(tiny_model):
+    clock = FakeClock()
+    scheduler = scheduler_with_costs(tiny_model, clock=clock)
+    record_arrivals(scheduler, clock, count=10, tokens=30, every_ms=10.0)  # 600 real tokens/s
+    for _ in range(20):
+        scheduler.run(batch_of(2, 30, padded_row_length=15))  # 4/3 positions per real token
+    # One request alone has no padding, but the requests arriving now will be batched (and padded) like the last
+    # ones: the rate keeps most of the recent padding.
+    _, decision = scheduler.run(batch_of(1, 30))
+    assert 600.0 * 1.2 < decision.arrival_tokens_per_s < 800.0
+
+
+def test_without_recorded_arrivals_only_latencies_decide(tiny_model):
+    clock = FakeClock()
+    charge_costs(tiny_model, clock, COSTS)
+    scheduler = scheduler_with_costs(tiny_model, budget=1000.0, clock=clock)
+    # Back-to-back batches keep the model busy all the time, but nothing says requests are waiting for it.
+    decisions = [scheduler.run(batch_of(1, 30))[1] for _ in range(20)]
+    assert {decision.adapter for decision in decisions} == {None}
+    assert scheduler.stats()["arrival_tokens_per_s"] == 0.0
+
+
 def test_adapters_are_tried_from_least_to_most_compression_whatever_their_order(tiny_model):
     scheduler = RatioScheduler(tiny_model, ["ratio8", None, "ratio4", "ratio2"], latency_budget_ms=50.0)
     assert scheduler.adapters == [None, "ratio2", "ratio4", "ratio8"]
@@ -425,12 +496,28 @@ def test_choosing_before_calibration_says_what_to_do(tiny_model):
         ({"num_tokens": 2.5}, "num_tokens"),
         ({"queue_delay_ms": -1.0}, "queue_delay_ms"),
         ({"backlog_tokens": -3}, "backlog_tokens"),
+        ({"arrival_tokens_per_s": -1.0}, "arrival_tokens_per_s"),
     ],
 )
 def test_bad_choose_arguments_are_refused_by_name(tiny_model, kwargs, name):
     arguments = {"num_tokens": 10, **kwargs}
     with pytest.raises(ValueError, match=name):
         scheduler_with_costs(tiny_model).choose(**arguments)
+
+
+@pytest.mark.parametrize(
+    ("kwargs", "name"),
+    [({"max_utilization": 0.0}, "max_utilization"), ({"load_window_ms": -5.0}, "load_window_ms")],
+)
+def test_bad_load_settings_are_refused_by_name(tiny_model, kwargs, name):
+    with pytest.raises(ValueError, match=name):
+        RatioScheduler(tiny_model, ADAPTERS, **kwargs)
+
+
+@pytest.mark.parametrize("num_tokens", [-1, 2.5, None])
+def test_a_bad_arrival_is_refused_by_name(tiny_model, num_tokens):
+    with pytest.raises(ValueError, match="num_tokens"):
+        scheduler_with_costs(tiny_model).record_arrival(num_tokens)
 
 
 def test_padding_counts_as_tokens_because_the_model_computes_it():

@@ -142,6 +142,15 @@ def test_stats_count_every_text_and_the_ratio_that_served_it(client, service):
     assert client.get("/stats").json()["classify"]["scheduler"]["sequences"] == 0
 
 
+def test_every_request_is_reported_to_the_scheduler_as_it_arrives(client, service, monkeypatch):
+    arrivals = []
+    monkeypatch.setattr(service.embedder.scheduler, "record_arrival", arrivals.append)
+    client.post("/embed", json={"texts": TEXTS})
+    client.post("/embed", json={"text": TEXTS[1]})
+    tokens = [service.embedder.count_tokens(text) for text in TEXTS]
+    assert arrivals == [sum(tokens), tokens[1]]
+
+
 def test_concurrent_requests_all_get_their_own_answer(client):
     expected = {text: client.post("/embed", json={"text": text}).json()["embedding"] for text in TEXTS}
     answers: dict[int, tuple[str, list[float]]] = {}
