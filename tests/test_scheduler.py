@@ -364,6 +364,17 @@ def test_observed_latency_refines_the_cost_model(tiny_model):
     assert scheduler.predict(None, 20) == pytest.approx(60.0, rel=0.05)
 
 
+def test_a_slowdown_seen_on_one_adapter_is_expected_of_all(tiny_model):
+    clock = FakeClock()
+    # Another process now shares the cores: everything runs twice as slow as calibrated.
+    charge_costs(tiny_model, clock, {adapter: (2 * a, 2 * b) for adapter, (a, b) in COSTS.items()})
+    scheduler = scheduler_with_costs(tiny_model, budget=1.0, clock=clock)  # nothing fits: ratio8 runs
+    for _ in range(30):
+        assert scheduler.run(batch_of(1, 20))[1].adapter == "ratio8"
+    # ratio4 was never run again, but it must not look as fast as before, or the server would switch to it.
+    assert scheduler.predict("ratio4", 20) == pytest.approx(2 * (10.0 + 0.4 * 20), rel=0.05)
+
+
 def test_the_wait_for_the_lock_counts_as_queue_delay(tiny_model):
     clock = FakeClock()
     arrived = threading.Event()
