@@ -40,6 +40,7 @@ def parse_args() -> argparse.Namespace:
     parser.add_argument(
         "--layers", type=int, nargs="+", default=None, help="Compress only these layers (default: every layer)."
     )
+    parser.add_argument("--distill-layers", choices=["last", "all"], default="last")
     parser.add_argument(
         "--logits-weight", type=float, default=0.0, help="Add the teacher/student logits KL with this weight."
     )
@@ -121,6 +122,7 @@ def main() -> None:
             ),
             task_weight=0.0,
             distill_weight=1.0,
+            distill_layers=args.distill_layers,
             logits_weight=args.logits_weight,
             ratios_adapters=names,
             train_dataset=train,

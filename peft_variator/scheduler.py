@@ -214,8 +214,7 @@ class RatioScheduler:
         self._counts: dict[str | None, int] = {}
         self._sequences: dict[str | None, int] = {}
         self._misses = 0
-        _check_number("max_utilization", max_utilization, minimum=0.0, strict=True)
-        self.max_utilization = float(max_utilization)
+        self.max_utilization = max_utilization
         self._arrivals = ArrivalRate(load_window_ms)
         self._arrivals_recorded = False
         self._padding_factor = 1.0
@@ -228,6 +227,15 @@ class RatioScheduler:
     def latency_budget_ms(self, value: float) -> None:
         _check_number("latency_budget_ms", value, minimum=0.0, strict=True)
         self._latency_budget_ms = float(value)
+
+    @property
+    def max_utilization(self) -> float:
+        return self._max_utilization
+
+    @max_utilization.setter
+    def max_utilization(self, value: float) -> None:
+        _check_number("max_utilization", value, minimum=0.0, strict=True)
+        self._max_utilization = float(value)
 
     def ratio_of(self, adapter: str | None) -> int:
         """Compression ratio of an adapter (1 for `None`, uncompressed)."""

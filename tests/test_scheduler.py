@@ -525,6 +525,16 @@ def test_bad_load_settings_are_refused_by_name(tiny_model, kwargs, name):
         RatioScheduler(tiny_model, ADAPTERS, **kwargs)
 
 
+def test_a_new_utilization_limit_takes_effect_at_once_and_is_checked(tiny_model):
+    scheduler = scheduler_with_costs(tiny_model)
+    assert scheduler.choose(30, arrival_tokens_per_s=1000.0) == "ratio2"
+    scheduler.max_utilization = 1.0
+    assert scheduler.choose(30, arrival_tokens_per_s=1000.0) is None
+    with pytest.raises(ValueError, match="max_utilization"):
+        scheduler.max_utilization = -0.5
+    assert scheduler.max_utilization == 1.0
+
+
 @pytest.mark.parametrize("num_tokens", [-1, 2.5, None])
 def test_a_bad_arrival_is_refused_by_name(tiny_model, num_tokens):
     with pytest.raises(ValueError, match="num_tokens"):
