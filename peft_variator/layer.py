@@ -82,15 +82,23 @@ class VariatorLayer(nn.Module, BaseTunerLayer):
     def unmerge(self) -> None:
         pass
 
-    def _layout(self, hidden: torch.Tensor, adapter_name: str) -> GroupLayout | None:
-        """The group layout for `hidden` (B, N, H), or None when nothing is compressed (a single token per row,
+    def _as_sequences(self, hidden: torch.Tensor) -> torch.Tensor:
+        """`hidden` as `(B, N, H)`: as it is, or regrouped into the batch's sequences where the architecture
+        flattened the tokens to `(B * N, H)` before its FFN (OPT)."""
+        if hidden.dim() == 3:
+            return hidden
+        if hidden.dim() == 2:
+            batch, seq_len = self.padding.sequence_shape(hidden.shape[0])
+            return hidden.view(batch, seq_len, hidden.shape[-1])
+        raise ValueError(
+            f"Variator expects FFN inputs of shape (batch, seq_len, hidden) or (tokens, hidden), got "
+            f"{tuple(hidden.shape)}."
+        )
+
+    def _layout(self, sequences: torch.Tensor, adapter_name: str) -> GroupLayout | None:
+        """The group layout for `sequences` (B, N, H), or None when nothing is compressed (a single token per row,
         as in every cached decoding step)."""
-        if hidden.dim() != 3:
-            raise ValueError(
-                f"Variator expects FFN inputs of shape (batch, seq_len, hidden), got {tuple(hidden.shape)}: this "
-                "architecture flattens the tokens before its FFN, which Variator does not support yet."
-            )
-        batch, seq_len = hidden.shape[:2]
+        batch, seq_len = sequences.shape[:2]
         if seq_len == 1:
             return None
         return self.padding.layout(batch, seq_len, self.ratio[adapter_name])
@@ -119,12 +127,17 @@ class VariatorFFN(VariatorLayer):
 
     def forward(self, hidden: torch.Tensor, *args: Any, **kwargs: Any) -> torch.Tensor:
         adapter_name = self.active_plugin()
-        layout = None if adapter_name is None else self._layout(hidden, adapter_name)
+        if adapter_name is None:
+            return self.base_layer(hidden, *args, **kwargs)
+        sequences = self._as_sequences(hidden)
+        layout = self._layout(sequences, adapter_name)
         if layout is None:
             return self.base_layer(hidden, *args, **kwargs)
-        compressed = compress(hidden, layout, self.variator_compressor[adapter_name])
-        ffn_output = self.base_layer(compressed, *args, **kwargs)
-        return decompress(ffn_output, hidden, layout, self._decompressor(adapter_name))
+        compressed = compress(sequences, layout, self.variator_compressor[adapter_name])
+        # A flattening architecture gets its FFN input flattened too: (B * G, H).
+        ffn_output = self.base_layer(compressed.flatten(0, 1) if hidden.dim() == 2 else compressed, *args, **kwargs)
+        restored = decompress(ffn_output.view(compressed.shape), sequences, layout, self._decompressor(adapter_name))
+        return restored.view(hidden.shape)
 
 
 class SplitFFNState(threading.local):
@@ -173,12 +186,15 @@ class VariatorFFNInput(VariatorLayer):
 
     def forward(self, hidden: torch.Tensor, *args: Any, **kwargs: Any) -> torch.Tensor:
         adapter_name = self.active_plugin()
-        layout = None if adapter_name is None else self._layout(hidden, adapter_name)
+        sequences = None if adapter_name is None else self._as_sequences(hidden)
+        layout = None if sequences is None else self._layout(sequences, adapter_name)
         if layout is None:
             self.state.put(None, None)
             return self.base_layer(hidden, *args, **kwargs)
-        self.state.put(layout, hidden)
-        return self.base_layer(compress(hidden, layout, self.variator_compressor[adapter_name]), *args, **kwargs)
+        self.state.put(layout, sequences)
+        compressed = compress(sequences, layout, self.variator_compressor[adapter_name])
+        # A flattening architecture gets its FFN input flattened too: (B * G, H).
+        return self.base_layer(compressed.flatten(0, 1) if hidden.dim() == 2 else compressed, *args, **kwargs)
 
 
 class VariatorFFNOutput(VariatorLayer):
@@ -209,4 +225,8 @@ class VariatorFFNOutput(VariatorLayer):
         adapter_name = self.active_plugin()
         if layout is None or adapter_name is None:
             return ffn_output
-        return decompress(ffn_output, tokens, layout, self._decompressor(adapter_name))
+        batch = tokens.shape[0]
+        grouped = ffn_output.view(batch, layout.num_groups, ffn_output.shape[-1])
+        restored = decompress(grouped, tokens, layout, self._decompressor(adapter_name))
+        # Flattened in, flattened out: (B * N, H) for an architecture that flattens its tokens.
+        return restored.view(-1, restored.shape[-1]) if ffn_output.dim() == 2 else restored

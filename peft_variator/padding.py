@@ -24,10 +24,11 @@ _CONTEXT_ATTRIBUTE = "_variator_padding"
 
 
 class _Recorded:
-    """One thread's recorded mask and the group layouts planned from it."""
+    """One thread's recorded mask (and batch size) and the group layouts planned from it."""
 
-    def __init__(self, mask: torch.Tensor | None = None) -> None:
+    def __init__(self, mask: torch.Tensor | None = None, batch_size: int | None = None) -> None:
         self.mask = mask
+        self.batch_size = mask.shape[0] if mask is not None else batch_size
         self.layouts: dict[tuple[int, int, int], GroupLayout] = {}
 
 
@@ -49,16 +50,19 @@ class PaddingContext:
         # forward records its mask before its layers read it.
         return self
 
-    def record(self, attention_mask: torch.Tensor | None) -> None:
+    def record(self, attention_mask: torch.Tensor | None, batch_size: int | None = None) -> None:
         if attention_mask is not None and attention_mask.dim() != 2:
             raise ValueError(
                 "Variator needs a 2-D padding mask `attention_mask` of shape (batch, seq_len) to group real tokens, "
                 f"got a {attention_mask.dim()}-D tensor of shape {tuple(attention_mask.shape)}."
             )
         current = getattr(self._local, "recorded", None)
+        # Nested entry points (a PeftModel, then its base model) record the same call twice; keep the first record
+        # and the layouts already planned from it unless the second knows the batch size the first did not.
         if current is not None and current.mask is attention_mask:
-            return
-        self._local.recorded = self._latest = _Recorded(attention_mask)
+            if attention_mask is not None or batch_size is None or batch_size == current.batch_size:
+                return
+        self._local.recorded = self._latest = _Recorded(attention_mask, batch_size)
 
     def layout(self, batch_size: int, seq_len: int, ratio: int) -> GroupLayout:
         """The group layout of hidden states `(batch_size, seq_len, H)` for `ratio`, memoised per forward."""
@@ -69,6 +73,18 @@ class PaddingContext:
             layout = plan_groups(seq_len, ratio, self._mask_for(recorded.mask, batch_size, seq_len))
             recorded.layouts[key] = layout
         return layout
+
+    def sequence_shape(self, num_tokens: int) -> tuple[int, int]:
+        """`(batch, seq_len)` of hidden states that arrive flattened to `(num_tokens, H)`, as OPT's FFN gets them."""
+        recorded = getattr(self._local, "recorded", None) or self._latest
+        batch = recorded.batch_size
+        if batch is None or num_tokens % batch != 0:
+            raise ValueError(
+                f"A Variator layer received {num_tokens} flattened token vectors, which cannot be split into the "
+                f"sequences of this batch (batch size {batch}). Call the model (not an inner layer) with "
+                "`input_ids` or `inputs_embeds` and, with padding, an `attention_mask`."
+            )
+        return batch, num_tokens // batch
 
     @staticmethod
     def _mask_for(mask: torch.Tensor | None, batch_size: int, seq_len: int) -> torch.Tensor | None:
@@ -120,15 +136,22 @@ def _entry_points(model: nn.Module) -> list[nn.Module]:
 
 def _mask_recorder(module: nn.Module, context: PaddingContext):
     parameters = list(inspect.signature(module.forward).parameters)
-    position = parameters.index("attention_mask")
+
+    def argument(name: str, args: tuple, kwargs: dict) -> Any:
+        if name in kwargs:
+            return kwargs[name]
+        if name in parameters and parameters.index(name) < len(args):
+            return args[parameters.index(name)]
+        return None
 
     def record_mask(_module: nn.Module, args: tuple, kwargs: dict) -> None:
-        if "attention_mask" in kwargs:
-            mask = kwargs["attention_mask"]
-        elif len(args) > position:
-            mask = args[position]
-        else:
-            mask = None
-        context.record(mask)
+        # The batch size lets layers regroup tokens that an architecture flattens before its FFN (OPT).
+        batch_size = None
+        for name in ("input_ids", "inputs_embeds"):
+            value = argument(name, args, kwargs)
+            if isinstance(value, torch.Tensor) and value.dim() >= 2:
+                batch_size = value.shape[0]
+                break
+        context.record(argument("attention_mask", args, kwargs), batch_size)
 
     return record_mask

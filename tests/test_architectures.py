@@ -58,6 +58,10 @@ DECODERS = {
     "mistral": MistralConfig(**DECODER),
     "qwen2": Qwen2Config(**DECODER),
     "gpt2": GPT2Config(vocab_size=100, n_embd=H, n_inner=FFN_DIM, n_layer=LAYERS, n_head=4, pad_token_id=0),
+    # Found by structure (no table entry); flattens the tokens to (B * N, H) before fc1 / fc2.
+    "opt": OPTConfig(
+        vocab_size=100, hidden_size=H, ffn_dim=FFN_DIM, num_hidden_layers=LAYERS, num_attention_heads=4, pad_token_id=0
+    ),
 }
 T5_SIZES = dict(
     vocab_size=100, d_model=H, d_ff=FFN_DIM, d_kv=8, num_layers=LAYERS, num_heads=4, decoder_start_token_id=0
@@ -113,7 +117,8 @@ def test_encoder_real_tokens_do_not_depend_on_batch_padding(model_type):
 @pytest.mark.parametrize("model_type", sorted(DECODERS))
 def test_decoder_mlps_are_found_and_left_padded_prompts_match_unpadded(model_type):
     model = variator(AutoModelForCausalLM.from_config(DECODERS[model_type]), ratio=4)
-    assert list(wrapped(model).values()) == [VariatorFFN] * LAYERS
+    expected = [VariatorFFNInput, VariatorFFNOutput] if model_type == "opt" else [VariatorFFN]
+    assert list(wrapped(model).values()) == expected * LAYERS
     lengths = [10, 5]
     sequences = [torch.randint(3, 100, (n,)) for n in lengths]
     ids = torch.zeros(2, 10, dtype=torch.long)
@@ -141,6 +146,19 @@ def test_decoder_generate_uses_the_cache_and_disable_adapter_matches_the_base(mo
     assert compressed.shape == reference.shape
     with model.disable_adapter():
         assert torch.equal(model.generate(input_ids=prompt, attention_mask=mask, **settings), reference)
+
+
+def test_flattened_tokens_are_regrouped_per_sequence_and_compressed():
+    # OPT hands its FFN (B * N, H): compressing must group within each sequence, never across two.
+    base = AutoModelForCausalLM.from_config(DECODERS["opt"]).eval()
+    prompt = torch.randint(3, 100, (3, 10))
+    with torch.no_grad():
+        reference = base(input_ids=prompt).logits
+        model = variator(base, ratio=4)
+        compressed = model(input_ids=prompt).logits
+        rows = [model(input_ids=prompt[row : row + 1]).logits[0] for row in range(3)]
+    assert not torch.allclose(compressed, reference)
+    torch.testing.assert_close(compressed, torch.stack(rows), atol=1e-5, rtol=1e-5)
 
 
 def test_single_token_decode_steps_run_uncompressed():
