@@ -136,8 +136,8 @@ class VariatorFFN(VariatorLayer):
         compressed = compress(sequences, layout, self.variator_compressor[adapter_name])
         # A flattening architecture gets its FFN input flattened too: (B * G, H).
         ffn_output = self.base_layer(compressed.flatten(0, 1) if hidden.dim() == 2 else compressed, *args, **kwargs)
-        restored = decompress(ffn_output.view(compressed.shape), sequences, layout, self._decompressor(adapter_name))
-        return restored.view(hidden.shape)
+        grouped = ffn_output.reshape(compressed.shape)
+        return decompress(grouped, sequences, layout, self._decompressor(adapter_name)).view(hidden.shape)
 
 
 class SplitFFNState(threading.local):
@@ -226,7 +226,7 @@ class VariatorFFNOutput(VariatorLayer):
         if layout is None or adapter_name is None:
             return ffn_output
         batch = tokens.shape[0]
-        grouped = ffn_output.view(batch, layout.num_groups, ffn_output.shape[-1])
+        grouped = ffn_output.reshape(batch, layout.num_groups, ffn_output.shape[-1])
         restored = decompress(grouped, tokens, layout, self._decompressor(adapter_name))
         # Flattened in, flattened out: (B * N, H) for an architecture that flattens its tokens.
         return restored.view(-1, restored.shape[-1]) if ffn_output.dim() == 2 else restored
