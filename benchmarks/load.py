@@ -360,9 +360,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
 
 def main(argv: list[str] | None = None) -> None:
     args = parse_args(argv)
-    command = "flock /tmp/peft_variator_cpu.lock python benchmarks/load.py " + " ".join(
-        sys.argv[1:] if argv is None else argv
-    )
+    command = reproduce_command(sys.argv[1:] if argv is None else argv)
     os.makedirs(args.docs, exist_ok=True)
     os.makedirs(args.results, exist_ok=True)
     if args.report_only:
@@ -425,6 +423,10 @@ def main(argv: list[str] | None = None) -> None:
     print("\n".join(summary["notes"]))
 
 
+def reproduce_command(argv: list[str]) -> str:
+    return " ".join(["flock /tmp/peft_variator_cpu.lock python benchmarks/load.py", *argv])
+
+
 def rewrite_report(args: argparse.Namespace) -> None:
     """The page and plot of the run saved in `args.results`/load.json, with that run's own settings."""
     with open(os.path.join(args.results, "load.json")) as saved:
@@ -433,10 +435,10 @@ def rewrite_report(args: argparse.Namespace) -> None:
     phases = [Phase(**phase) for phase in run["summary"]["phases"]]
     summary = {**run["summary"], "phases": phases}
     runs = {mode: [Outcome(**o) for o in outcomes] for mode, outcomes in run["requests"].items()}
-    command = "flock /tmp/peft_variator_cpu.lock python benchmarks/load.py " + " ".join(run.get("argv", []))
+    command = reproduce_command(run.get("argv", []))
     plot_name = "serving_latency.png"
     plot(runs, phases, run_args.latency_budget_ms, os.path.join(args.docs, plot_name))
-    write_report(os.path.join(args.docs, "serving.md"), summary, run_args, command.strip(), plot_name)
+    write_report(os.path.join(args.docs, "serving.md"), summary, run_args, command, plot_name)
 
 
 def targets(modes: dict, budget_ms: float) -> list[str]:

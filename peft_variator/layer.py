@@ -95,6 +95,12 @@ class VariatorLayer(nn.Module, BaseTunerLayer):
             f"{tuple(hidden.shape)}."
         )
 
+    @staticmethod
+    def _flattened_like(tensor: torch.Tensor, reference: torch.Tensor) -> torch.Tensor:
+        """`(B, L, D)` `tensor` flattened to `(B * L, D)` where the architecture handed the layer a flattened
+        `reference` (OPT), as it is otherwise."""
+        return tensor.flatten(0, 1) if reference.dim() == 2 else tensor
+
     def _layout(self, sequences: torch.Tensor, adapter_name: str) -> GroupLayout | None:
         """The group layout for `sequences` (B, N, H), or None when nothing is compressed (a single token per row,
         as in every cached decoding step)."""
@@ -134,10 +140,10 @@ class VariatorFFN(VariatorLayer):
         if layout is None:
             return self.base_layer(hidden, *args, **kwargs)
         compressed = compress(sequences, layout, self.variator_compressor[adapter_name])
-        # A flattening architecture gets its FFN input flattened too: (B * G, H).
-        ffn_output = self.base_layer(compressed.flatten(0, 1) if hidden.dim() == 2 else compressed, *args, **kwargs)
+        ffn_output = self.base_layer(self._flattened_like(compressed, hidden), *args, **kwargs)
         grouped = ffn_output.reshape(compressed.shape)
-        return decompress(grouped, sequences, layout, self._decompressor(adapter_name)).view(hidden.shape)
+        restored = decompress(grouped, sequences, layout, self._decompressor(adapter_name))
+        return self._flattened_like(restored, hidden)
 
 
 class SplitFFNState(threading.local):
@@ -193,8 +199,7 @@ class VariatorFFNInput(VariatorLayer):
             return self.base_layer(hidden, *args, **kwargs)
         self.state.put(layout, sequences)
         compressed = compress(sequences, layout, self.variator_compressor[adapter_name])
-        # A flattening architecture gets its FFN input flattened too: (B * G, H).
-        return self.base_layer(compressed.flatten(0, 1) if hidden.dim() == 2 else compressed, *args, **kwargs)
+        return self.base_layer(self._flattened_like(compressed, hidden), *args, **kwargs)
 
 
 class VariatorFFNOutput(VariatorLayer):
@@ -228,5 +233,4 @@ class VariatorFFNOutput(VariatorLayer):
         batch = tokens.shape[0]
         grouped = ffn_output.reshape(batch, layout.num_groups, ffn_output.shape[-1])
         restored = decompress(grouped, tokens, layout, self._decompressor(adapter_name))
-        # Flattened in, flattened out: (B * N, H) for an architecture that flattens its tokens.
-        return restored.view(-1, restored.shape[-1]) if ffn_output.dim() == 2 else restored
+        return self._flattened_like(restored, ffn_output)

@@ -135,14 +135,13 @@ def _entry_points(model: nn.Module) -> list[nn.Module]:
 
 
 def _mask_recorder(module: nn.Module, context: PaddingContext):
-    parameters = list(inspect.signature(module.forward).parameters)
+    positions = {name: index for index, name in enumerate(inspect.signature(module.forward).parameters)}
 
     def argument(name: str, args: tuple, kwargs: dict) -> Any:
         if name in kwargs:
             return kwargs[name]
-        if name in parameters and parameters.index(name) < len(args):
-            return args[parameters.index(name)]
-        return None
+        position = positions.get(name)
+        return args[position] if position is not None and position < len(args) else None
 
     def record_mask(_module: nn.Module, args: tuple, kwargs: dict) -> None:
         # The batch size lets layers regroup tokens that an architecture flattens before its FFN (OPT).

@@ -216,7 +216,6 @@ class RatioScheduler:
         self._misses = 0
         self.max_utilization = max_utilization
         self._arrivals = ArrivalRate(load_window_ms)
-        self._arrivals_recorded = False
         self._padding_factor = 1.0
 
     @property
@@ -327,14 +326,11 @@ class RatioScheduler:
         _check_count("num_tokens", num_tokens)
         with self._stats_lock:
             self._arrivals.add(self.clock(), num_tokens)
-            self._arrivals_recorded = True
 
     def arrival_rate(self, padding_factor: float = 1.0) -> float:
         """Tokens per second recorded by `record_arrival` over the last `load_window_ms`, times `padding_factor`
         (padded / real tokens of the batches they will be served in); 0 when no arrivals are recorded."""
         with self._stats_lock:
-            if not self._arrivals_recorded:
-                return 0.0
             return self._arrivals.tokens_per_s(self.clock()) * padding_factor
 
     def run(
