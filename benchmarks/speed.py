@@ -5,7 +5,7 @@ For each case one model carries plugins of every ratio; each repeat times, in ro
 mean-pooled groups that are repeated back, with no scoring map and no adapter, i.e. the speed-up a plugin that cost
 nothing would give. Medians over repeats; speed-up = median(base) / median(variant), all from one run.
 
-    python benchmarks/speed.py                      # all three cases of docs/benchmarks.md
+    python benchmarks/speed.py                      # every case of docs/benchmarks.md
     python benchmarks/speed.py --cases minilm --repeats 5
 
 Quiet machine only: on 2 cores any other process makes the figures meaningless.
@@ -44,6 +44,9 @@ class Case:
     batch: int
     seq_len: int
     vocab: int
+    # Real tokens per sequence drawn uniformly from this range, the rest right padding (a served batch of texts of
+    # different lengths); `None`: every sequence is `seq_len` real tokens.
+    lengths: tuple[int, int] | None = None
 
 
 def minilm_path() -> str:
@@ -56,6 +59,14 @@ def minilm_path() -> str:
 CASES = {
     "bert-base": Case("bert-base (random weights) 8 x 128", lambda: BertModel(BertConfig()), 8, 128, 30522),
     "minilm": Case("all-MiniLM-L6-v2 16 x 256", lambda: AutoModel.from_pretrained(minilm_path()), 16, 256, 30522),
+    "minilm-padded": Case(
+        "all-MiniLM-L6-v2 16 x 48-160 tokens, right-padded",
+        lambda: AutoModel.from_pretrained(minilm_path()),
+        16,
+        160,
+        30522,
+        lengths=(48, 160),
+    ),
     "llama-prefill": Case(
         "Llama-style prefill, 12 layers, hidden 768 (random weights) 4 x 512",
         lambda: LlamaModel(
@@ -108,9 +119,14 @@ def run_case(case: Case, ratios: list[int], repeats: int, warmup: int, adapter_d
     for ratio in ratios[1:]:
         model.add_adapter(f"ratio{ratio}", VariatorConfig(ratio=ratio, adapter_dim=adapter_dim))
     model.eval()
+    attention_mask = torch.ones(case.batch, case.seq_len, dtype=torch.long)
+    if case.lengths is not None:
+        lengths = torch.randint(case.lengths[0], case.lengths[1] + 1, (case.batch,))
+        # Padded to the longest, as a tokenizer pads a batch.
+        attention_mask = (torch.arange(int(lengths.max())) < lengths[:, None]).long()
     inputs = {
-        "input_ids": torch.randint(1000, case.vocab - 1, (case.batch, case.seq_len)),
-        "attention_mask": torch.ones(case.batch, case.seq_len, dtype=torch.long),
+        "input_ids": torch.randint(1000, case.vocab - 1, attention_mask.shape),
+        "attention_mask": attention_mask,
     }
 
     def variant(name: str):
@@ -145,7 +161,7 @@ def run_case(case: Case, ratios: list[int], repeats: int, warmup: int, adapter_d
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--cases", nargs="+", choices=sorted(CASES), default=["bert-base", "minilm", "llama-prefill"])
+    parser.add_argument("--cases", nargs="+", choices=sorted(CASES), default=list(CASES))
     parser.add_argument("--ratios", nargs="+", type=int, default=[2, 4, 8])
     parser.add_argument("--repeats", type=int, default=7)
     parser.add_argument("--warmup", type=int, default=1)

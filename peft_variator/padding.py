@@ -5,6 +5,10 @@ entry points (the top model, its inner base model, and the encoder that encoder-
 get a forward pre-hook that records the 2-D attention mask of the call. Layers read it from the shared
 `PaddingContext`, which also memoises the group layout per ratio, so the layers of one forward share one plan.
 
+Each entry point holds the context as an attribute and its hook looks it up on the module it is called for, never
+through a closure: `copy.deepcopy` copies hook functions by reference, so a copied model's hooks must find the copy's
+own context, and unloading one model must not touch the hooks of another.
+
 The last mask stays recorded after the forward returns: gradient checkpointing re-runs layers during backward,
 outside any model forward, and must see the same grouping.
 """
@@ -21,6 +25,8 @@ from torch import nn
 from .plugin import GroupLayout, plan_groups
 
 _CONTEXT_ATTRIBUTE = "_variator_padding"
+# Marks the mask-recording hooks, so they can be found (and removed) on a deep copy, where no handle points to them.
+_RECORDER_MARK = "_variator_records_padding"
 
 
 class _Recorded:
@@ -42,13 +48,11 @@ class PaddingContext:
     def __init__(self) -> None:
         self._local = threading.local()
         self._latest = _Recorded()
-        self._hook_handles: list[Any] = []
 
     def __deepcopy__(self, memo: dict) -> PaddingContext:
-        # A deep copy of the model keeps the original's mask-recording hooks (hook functions are not copied), so the
-        # copy's layers must read the context those hooks write. Sharing it is safe: state is per thread and every
-        # forward records its mask before its layers read it.
-        return self
+        # Recorded masks belong to the original's forwards; a copied model (its entry points and layers, through
+        # `memo`) shares one fresh context.
+        return type(self)()
 
     def record(self, attention_mask: torch.Tensor | None, batch_size: int | None = None) -> None:
         if attention_mask is not None and attention_mask.dim() != 2:
@@ -107,19 +111,21 @@ def padding_context(model: nn.Module) -> PaddingContext:
         context = PaddingContext()
         object.__setattr__(model, _CONTEXT_ATTRIBUTE, context)
         for entry_point in _entry_points(model):
-            hook = _mask_recorder(entry_point, context)
-            context._hook_handles.append(entry_point.register_forward_pre_hook(hook, with_kwargs=True))
+            object.__setattr__(entry_point, _CONTEXT_ATTRIBUTE, context)
+            entry_point.register_forward_pre_hook(_mask_recorder(entry_point), with_kwargs=True)
     return context
 
 
 def detach_padding_context(model: nn.Module) -> None:
     """Remove the hooks and the context, leaving the model as it was before Variator touched it."""
-    context = getattr(model, _CONTEXT_ATTRIBUTE, None)
-    if context is None:
-        return
-    for handle in context._hook_handles:
-        handle.remove()
-    object.__delattr__(model, _CONTEXT_ATTRIBUTE)
+    for module in {id(m): m for m in (model, *_entry_points(model))}.values():
+        # Removed by key, as `RemovableHandle.remove` does: a deep copy's hooks have no handle of their own.
+        for hook_id, hook in list(module._forward_pre_hooks.items()):
+            if getattr(hook, _RECORDER_MARK, False):
+                del module._forward_pre_hooks[hook_id]
+                module._forward_pre_hooks_with_kwargs.pop(hook_id, None)
+        if _CONTEXT_ATTRIBUTE in vars(module):
+            object.__delattr__(module, _CONTEXT_ATTRIBUTE)
 
 
 def _entry_points(model: nn.Module) -> list[nn.Module]:
@@ -134,7 +140,7 @@ def _entry_points(model: nn.Module) -> list[nn.Module]:
     return entry_points
 
 
-def _mask_recorder(module: nn.Module, context: PaddingContext):
+def _mask_recorder(module: nn.Module):
     positions = {name: index for index, name in enumerate(inspect.signature(module.forward).parameters)}
 
     def argument(name: str, args: tuple, kwargs: dict) -> Any:
@@ -143,7 +149,7 @@ def _mask_recorder(module: nn.Module, context: PaddingContext):
         position = positions.get(name)
         return args[position] if position is not None and position < len(args) else None
 
-    def record_mask(_module: nn.Module, args: tuple, kwargs: dict) -> None:
+    def record_mask(entry_point: nn.Module, args: tuple, kwargs: dict) -> None:
         # The batch size lets layers regroup tokens that an architecture flattens before its FFN (OPT).
         batch_size = None
         for name in ("input_ids", "inputs_embeds"):
@@ -151,6 +157,7 @@ def _mask_recorder(module: nn.Module, context: PaddingContext):
             if isinstance(value, torch.Tensor) and value.dim() >= 2:
                 batch_size = value.shape[0]
                 break
-        context.record(argument("attention_mask", args, kwargs), batch_size)
+        getattr(entry_point, _CONTEXT_ATTRIBUTE).record(argument("attention_mask", args, kwargs), batch_size)
 
+    setattr(record_mask, _RECORDER_MARK, True)
     return record_mask

@@ -2,7 +2,8 @@
 
 Shapes: B batch, N tokens, H hidden size, k `ratio`, G = ceil(real tokens / k) groups.
 
-The functions are loop-free (reshape, gather, matmul), so they can be profiled, tested and compiled on their own.
+The functions are loop-free (reshape, row selection, matmul), so they can be profiled, tested and compiled on
+their own.
 """
 
 from __future__ import annotations
@@ -26,20 +27,25 @@ class GroupLayout:
         ratio: tokens per group (k).
         seq_len: N, the sequence length of the hidden states.
         num_groups: G, groups per sequence (the longest sequence's; shorter ones end in empty groups).
-        slot_token: `(B, G * k)` long, the token position feeding each group slot; `None` when slot s holds token s.
+        slot_row: `(B * G * k,)` long, the row of the flattened `(B * N, H)` hidden states feeding each group slot;
+            `None` when slot s of every sequence holds its token s. Rows, not per-element indices: selecting whole
+            rows (`index_select`) copies memory an order of magnitude faster than `gather` does on CPU.
         slot_valid: `(B or 1, G, k)` bool, which slots hold a real token; `None` when all do.
-        token_group: `(B, N)` long, the group of each token; `None` when token n is in group n // k.
+        token_row: `(B * N,)` long, the row of the flattened `(B * G, D)` group vectors that each token gets back;
+            `None` when token n of every sequence is in its group n // k.
         token_alone: `(B or 1, N)` bool, tokens that are the only real token of their group; `None` when there are
             none. Such a group is not compressed, so these tokens get the exact FFN output and no adapter correction.
+        group_alone: `(B or 1, G)` bool, the groups of those tokens; `None` exactly when `token_alone` is.
     """
 
     ratio: int
     seq_len: int
     num_groups: int
-    slot_token: torch.Tensor | None = None
+    slot_row: torch.Tensor | None = None
     slot_valid: torch.Tensor | None = None
-    token_group: torch.Tensor | None = None
+    token_row: torch.Tensor | None = None
     token_alone: torch.Tensor | None = None
+    group_alone: torch.Tensor | None = None
 
 
 def plan_groups(seq_len: int, ratio: int, attention_mask: torch.Tensor | None = None) -> GroupLayout:
@@ -58,11 +64,15 @@ def plan_groups(seq_len: int, ratio: int, attention_mask: torch.Tensor | None = 
             return GroupLayout(ratio, seq_len, num_groups)
         slot_valid = torch.ones(1, num_groups, ratio, dtype=torch.bool)
         slot_valid[:, -1, ratio - tail :] = False
-        token_alone = None
+        token_alone = group_alone = None
         if seq_len % ratio == 1:
             token_alone = torch.zeros(1, seq_len, dtype=torch.bool)
             token_alone[:, -1] = True
-        return GroupLayout(ratio, seq_len, num_groups, slot_valid=slot_valid, token_alone=token_alone)
+            group_alone = torch.zeros(1, num_groups, dtype=torch.bool)
+            group_alone[:, -1] = True
+        return GroupLayout(
+            ratio, seq_len, num_groups, slot_valid=slot_valid, token_alone=token_alone, group_alone=group_alone
+        )
 
     real = attention_mask.bool()
     if bool(real.all()):
@@ -82,16 +92,19 @@ def plan_groups(seq_len: int, ratio: int, attention_mask: torch.Tensor | None = 
 
     rank = real.long().cumsum(dim=1) - 1
     token_group = (rank.clamp(min=0) // ratio).clamp(max=num_groups - 1)
-    group_size = slot_valid.sum(dim=2)
-    token_alone = (group_size.gather(1, token_group) == 1) & real
+    group_alone = slot_valid.sum(dim=2) == 1
+    token_alone = group_alone.gather(1, token_group) & real
+    any_alone = bool(token_alone.any())
+    sequence = torch.arange(real.shape[0], device=device)[:, None]
     return GroupLayout(
         ratio,
         seq_len,
         num_groups,
-        slot_token=slot_token,
+        slot_row=(slot_token + sequence * seq_len).reshape(-1),
         slot_valid=slot_valid,
-        token_group=token_group,
-        token_alone=token_alone if bool(token_alone.any()) else None,
+        token_row=(token_group + sequence * num_groups).reshape(-1),
+        token_alone=token_alone if any_alone else None,
+        group_alone=group_alone if any_alone else None,
     )
 
 
@@ -99,18 +112,16 @@ def gather_groups(hidden: torch.Tensor, layout: GroupLayout) -> torch.Tensor:
     """Arrange hidden states into groups: `(B, N, H)` -> `(B, G, k, H)`, zeros in empty slots."""
     batch, seq_len, width = hidden.shape
     num_slots = layout.num_groups * layout.ratio
-    if layout.slot_token is not None:
-        index = layout.slot_token[:, :, None].expand(batch, num_slots, width)
-        slots = hidden.gather(1, index)
+    if layout.slot_row is not None:
+        slots = hidden.reshape(batch * seq_len, width).index_select(0, layout.slot_row)
+        # Padded positions must not reach the scoring map, which reads the whole concatenated group. In place: the
+        # selected rows are a fresh tensor that autograd does not need back.
+        slots.mul_(layout.slot_valid.reshape(-1, 1))
     elif num_slots > seq_len:
         slots = F.pad(hidden, (0, 0, 0, num_slots - seq_len))
     else:
         slots = hidden
-    groups = slots.view(batch, layout.num_groups, layout.ratio, width)
-    if layout.slot_token is not None and layout.slot_valid is not None:
-        # Padded positions must not reach the scoring map, which reads the whole concatenated group.
-        groups = groups * layout.slot_valid[..., None].to(groups.dtype)
-    return groups
+    return slots.view(batch, layout.num_groups, layout.ratio, width)
 
 
 def group_weights(groups: torch.Tensor, layout: GroupLayout, score: nn.Linear | None) -> torch.Tensor:
@@ -146,8 +157,9 @@ def compress(hidden: torch.Tensor, layout: GroupLayout, score: nn.Linear | None 
 def repeat_groups(compressed: torch.Tensor, layout: GroupLayout) -> torch.Tensor:
     """Give every token its group's vector back: `(B, G, D)` -> `(B, N, D)`."""
     batch, num_groups, width = compressed.shape
-    if layout.token_group is not None:
-        return compressed.gather(1, layout.token_group[:, :, None].expand(batch, layout.seq_len, width))
+    if layout.token_row is not None:
+        rows = compressed.reshape(batch * num_groups, width).index_select(0, layout.token_row)
+        return rows.view(batch, layout.seq_len, width)
     repeated = compressed.unsqueeze(2).expand(batch, num_groups, layout.ratio, width)
     return repeated.reshape(batch, num_groups * layout.ratio, width)[:, : layout.seq_len]
 
@@ -204,13 +216,16 @@ def decompress(
     if adapter is None:
         return repeat_groups(ffn_output, layout)
     # In-place accumulation bypasses autocast, so mixed precision takes the plain path below.
-    fusable = ffn_output.dtype == adapter.up.weight.dtype and not torch.is_autocast_enabled(ffn_output.device.type)
-    if layout.token_alone is None and fusable:
+    if ffn_output.dtype == adapter.up.weight.dtype and not torch.is_autocast_enabled(ffn_output.device.type):
         # The up-projection's bias is added to the G group vectors before repetition and its product accumulates into
-        # the repeated output inside the GEMM, so the plugin adds no pass over the (B, N, H) activations.
+        # the repeated output inside the GEMM, so the plugin adds no pass over the (B, N, H) activations. A token
+        # alone in its group gets neither: its group has no bias and its bottleneck row is zero.
         # `.contiguous()` copies only where the repetition is still a broadcast view, never `ffn_output` itself.
-        repeated = repeat_groups(ffn_output + adapter.up.bias, layout).contiguous()
+        bias = adapter.up.bias if layout.group_alone is None else adapter.up.bias * ~layout.group_alone[..., None]
+        repeated = repeat_groups(ffn_output + bias, layout).contiguous()
         hidden = adapter.bottleneck(ffn_output, tokens, layout)
+        if layout.token_alone is not None:
+            hidden = (hidden.view(*tokens.shape[:2], -1) * ~layout.token_alone[..., None]).view(hidden.shape)
         return repeated.view(-1, repeated.shape[-1]).addmm_(hidden, adapter.up.weight.t()).view(tokens.shape)
     repeated = repeat_groups(ffn_output, layout)
     correction = adapter.correction(ffn_output, tokens, layout)

@@ -340,3 +340,21 @@ def test_a_deep_copy_runs_like_the_original():
             if "variator_up" in name:
                 parameter.add_(0.5)
     assert not torch.allclose(hidden(clone, batch), hidden(model, batch))
+
+
+def test_unloading_a_deep_copy_leaves_the_original_working_and_the_copy_bare():
+    import copy
+
+    model = get_peft_model(tiny_bert(), VariatorConfig(ratio=4))
+    randomize_plugins(model)
+    first, second = inputs(batch=3, seq_len=13), inputs(batch=2, seq_len=9)
+    second["attention_mask"][1, :3] = 0
+    expected = hidden(model, second)
+    hidden(model, first)
+    unloaded = copy.deepcopy(model).unload()
+    # The original still records each batch's padding mask ...
+    torch.testing.assert_close(hidden(model, second), expected)
+    # ... and the unloaded copy keeps no Variator hook or attribute.
+    for module in unloaded.modules():
+        assert not any(getattr(hook, "__name__", "") == "record_mask" for hook in module._forward_pre_hooks.values())
+        assert "_variator_padding" not in vars(module)

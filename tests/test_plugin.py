@@ -129,3 +129,38 @@ def test_decompression_is_repetition_plus_the_adapter_correction():
     ffn_output = torch.randn(B, 3, H)
     expected = ffn_output.repeat_interleave(4, dim=1) + adapter.correction(ffn_output, hidden, layout)
     torch.testing.assert_close(decompress(ffn_output, hidden, layout, adapter), expected)
+
+
+def test_padded_decompression_follows_the_definition_token_by_token():
+    # Left and right padding, and lengths 9 and 5 that leave a token alone in its last group at ratio 4.
+    mask = torch.tensor([[1] * 9 + [0] * 3, [0] * 7 + [1] * 5, [1] * 12])
+    hidden = torch.randn(3, 12, H)
+    layout = plan_groups(12, 4, mask)
+    _, adapter = make_plugin(4)
+    ffn_output = torch.randn(3, layout.num_groups, H)
+    restored = decompress(ffn_output, hidden, layout, adapter)
+    down_output, down_token, up = adapter
+    for row in range(3):
+        positions = mask[row].nonzero().flatten().tolist()
+        for rank, position in enumerate(positions):
+            group = rank // 4
+            group_out = ffn_output[row, group]
+            if len(positions[group * 4 : group * 4 + 4]) == 1:
+                expected = group_out
+            else:
+                bottleneck = torch.relu(down_output(group_out) + down_token(hidden[row, position]))
+                expected = group_out + up(bottleneck)
+            torch.testing.assert_close(restored[row, position], expected, atol=1e-5, rtol=1e-5)
+
+
+def test_decompression_in_mixed_precision_matches_full_precision():
+    mask = torch.tensor([[1] * 9 + [0] * 3, [0] * 7 + [1] * 5, [1] * 12])
+    hidden = torch.randn(3, 12, H)
+    layout = plan_groups(12, 4, mask)
+    _, adapter = make_plugin(4)
+    ffn_output = torch.randn(3, layout.num_groups, H)
+    full = decompress(ffn_output, hidden, layout, adapter)
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        mixed = decompress(ffn_output, hidden, layout, adapter)
+    real = mask.bool()
+    torch.testing.assert_close(mixed.float()[real], full[real], atol=0.05, rtol=0.05)
