@@ -136,7 +136,8 @@ def run_case(case: Case, ratios: list[int], repeats: int, warmup: int, adapter_d
         model.set_adapter(f"ratio{ratio}")
         return zero_cost_plugins(model) if ratio_kind == "ceiling" else contextlib.nullcontext()
 
-    names = ["base", *[f"variator:{r}" for r in ratios], *[f"ceiling:{r}" for r in ratios]]
+    # Each ratio next to its ceiling, so the pair is timed back to back.
+    names = ["base", *[f"{kind}:{r}" for r in ratios for kind in ("variator", "ceiling")]]
     times: dict[str, list[float]] = {name: [] for name in names}
     with torch.inference_mode():
         for step in range(warmup + repeats):
@@ -155,7 +156,16 @@ def run_case(case: Case, ratios: list[int], repeats: int, warmup: int, adapter_d
     for ratio in ratios:
         speedup = medians["base"] / medians[f"variator:{ratio}"]
         ceiling = medians["base"] / medians[f"ceiling:{ratio}"]
-        result["ratios"][ratio] = {"speedup": speedup, "ceiling": ceiling, "of_ceiling": speedup / ceiling}
+        # The same share repeat by repeat (timed back to back): its spread shows how far
+        # the machine's drift moves the figure.
+        paired = sorted(c / v for c, v in zip(times[f"ceiling:{ratio}"], times[f"variator:{ratio}"], strict=True))
+        quartiles = statistics.quantiles(paired, n=4) if len(paired) > 1 else [paired[0]] * 3
+        result["ratios"][ratio] = {
+            "speedup": speedup,
+            "ceiling": ceiling,
+            "of_ceiling": speedup / ceiling,
+            "of_ceiling_per_repeat": {"q1": quartiles[0], "median": quartiles[1], "q3": quartiles[2]},
+        }
     return result
 
 
@@ -173,16 +183,18 @@ def main() -> None:
 
     results = []
     print(f"torch {torch.__version__}, {torch.get_num_threads()} threads, load average {os.getloadavg()[0]:.2f}")
-    print("| case | ratio | base ms | Variator ms | speed-up | ceiling | of ceiling |")
-    print("|---|---|---|---|---|---|---|")
+    print("| case | ratio | base ms | Variator ms | speed-up | ceiling | of ceiling | per repeat: median (q1-q3) |")
+    print("|---|---|---|---|---|---|---|---|")
     for key in args.cases:
         result = run_case(CASES[key], args.ratios, args.repeats, args.warmup, args.adapter_dim)
         results.append(result)
         base_ms = result["median_ms"]["base"]
         for ratio, figures in result["ratios"].items():
+            per_repeat = figures["of_ceiling_per_repeat"]
             print(
                 f"| {result['case']} | {ratio} | {base_ms:.0f} | {result['median_ms'][f'variator:{ratio}']:.0f} | "
-                f"{figures['speedup']:.2f}x | {figures['ceiling']:.2f}x | {figures['of_ceiling']:.1%} |",
+                f"{figures['speedup']:.2f}x | {figures['ceiling']:.2f}x | {figures['of_ceiling']:.1%} | "
+                f"{per_repeat['median']:.1%} ({per_repeat['q1']:.1%}-{per_repeat['q3']:.1%}) |",
                 flush=True,
             )
     if args.output:

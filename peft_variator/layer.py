@@ -230,7 +230,6 @@ class VariatorFFNOutput(VariatorLayer):
         adapter_name = self.active_plugin()
         if layout is None or adapter_name is None:
             return ffn_output
-        batch = tokens.shape[0]
-        grouped = ffn_output.reshape(batch, layout.num_groups, ffn_output.shape[-1])
+        grouped = ffn_output.reshape(*layout.compressed_shape(tokens.shape[0]), ffn_output.shape[-1])
         restored = decompress(grouped, tokens, layout, self._decompressor(adapter_name))
         return self._flattened_like(restored, ffn_output)

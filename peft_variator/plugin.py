@@ -23,19 +23,23 @@ class GroupLayout:
     Groups are formed over the *real* tokens of each sequence, in order, starting at its first real token, so the
     grouping (and hence every real token's output) does not depend on padding side or amount.
 
+    Without padding, compressed tensors are `(B, G, D)`. With padding only the R groups that hold a real token are
+    kept, packed into one `(1, R, D)` row list: the FFN and the group-level plugin work skip the empty groups at the
+    end of shorter sequences (about a third of the groups of a served batch of mixed lengths).
+
     Attributes:
         ratio: tokens per group (k).
         seq_len: N, the sequence length of the hidden states.
-        num_groups: G, groups per sequence (the longest sequence's; shorter ones end in empty groups).
-        slot_row: `(B * G * k,)` long, the row of the flattened `(B * N, H)` hidden states feeding each group slot;
-            `None` when slot s of every sequence holds its token s. Rows, not per-element indices: selecting whole
+        num_groups: G, groups per sequence (the longest sequence's).
+        slot_row: `(R * k,)` long, the row of the flattened `(B * N, H)` hidden states feeding each slot of each
+            kept group; `None` when nothing is packed (no padding). Rows, not per-element indices: selecting whole
             rows (`index_select`) copies memory an order of magnitude faster than `gather` does on CPU.
-        slot_valid: `(B or 1, G, k)` bool, which slots hold a real token; `None` when all do.
-        token_row: `(B * N,)` long, the row of the flattened `(B * G, D)` group vectors that each token gets back;
-            `None` when token n of every sequence is in its group n // k.
+        slot_valid: `(1, G or R, k)` bool, which slots hold a real token; `None` when all do.
+        token_row: `(B * N,)` long, the row of the packed `(R, D)` group vectors that each token gets back; `None`
+            when nothing is packed and token n of every sequence is in its group n // k.
         token_alone: `(B or 1, N)` bool, tokens that are the only real token of their group; `None` when there are
             none. Such a group is not compressed, so these tokens get the exact FFN output and no adapter correction.
-        group_alone: `(B or 1, G)` bool, the groups of those tokens; `None` exactly when `token_alone` is.
+        group_alone: `(1, G or R)` bool, the groups of those tokens; `None` exactly when `token_alone` is.
     """
 
     ratio: int
@@ -46,6 +50,12 @@ class GroupLayout:
     token_row: torch.Tensor | None = None
     token_alone: torch.Tensor | None = None
     group_alone: torch.Tensor | None = None
+
+    def compressed_shape(self, batch: int) -> tuple[int, int]:
+        """The leading dimensions of compressed tensors for a batch of `batch` sequences: `(B, G)` or `(1, R)`."""
+        if self.slot_row is None:
+            return batch, self.num_groups
+        return 1, self.slot_row.shape[0] // self.ratio
 
 
 def plan_groups(seq_len: int, ratio: int, attention_mask: torch.Tensor | None = None) -> GroupLayout:
@@ -88,28 +98,35 @@ def plan_groups(seq_len: int, ratio: int, attention_mask: torch.Tensor | None = 
     slots = torch.arange(num_slots, device=device)
     slot_is_real = slots < lengths[:, None]
     slot_token = torch.where(slot_is_real, real_positions[:, :num_slots], 0)
-    slot_valid = slot_is_real.view(-1, num_groups, ratio)
 
+    group_size = slot_is_real.view(-1, num_groups, ratio).sum(dim=2)
+    kept = (group_size > 0).flatten()
+    kept[0] |= ~kept.any()  # a batch of nothing but padding still hands the FFN one (empty) group
+    kept_groups = kept.nonzero().squeeze(1)
+    # Packed row of every (sequence, group); padding tokens borrow a real row (their outputs are never used).
+    packed_row = (kept.long().cumsum(dim=0) - 1).clamp(min=0)
+
+    sequence = torch.arange(real.shape[0], device=device)[:, None]
     rank = real.long().cumsum(dim=1) - 1
     token_group = (rank.clamp(min=0) // ratio).clamp(max=num_groups - 1)
-    group_alone = slot_valid.sum(dim=2) == 1
-    token_alone = group_alone.gather(1, token_group) & real
+    token_alone = (group_size.gather(1, token_group) == 1) & real
     any_alone = bool(token_alone.any())
-    sequence = torch.arange(real.shape[0], device=device)[:, None]
+    kept_size = group_size.flatten()[kept_groups]
     return GroupLayout(
         ratio,
         seq_len,
         num_groups,
-        slot_row=(slot_token + sequence * seq_len).reshape(-1),
-        slot_valid=slot_valid,
-        token_row=(token_group + sequence * num_groups).reshape(-1),
+        slot_row=(slot_token + sequence * seq_len).view(-1, ratio)[kept_groups].flatten(),
+        slot_valid=slot_is_real.view(-1, ratio)[kept_groups].unsqueeze(0),
+        token_row=packed_row[(token_group + sequence * num_groups).flatten()],
         token_alone=token_alone if any_alone else None,
-        group_alone=group_alone if any_alone else None,
+        group_alone=(kept_size == 1).unsqueeze(0) if any_alone else None,
     )
 
 
 def gather_groups(hidden: torch.Tensor, layout: GroupLayout) -> torch.Tensor:
-    """Arrange hidden states into groups: `(B, N, H)` -> `(B, G, k, H)`, zeros in empty slots."""
+    """Arrange hidden states into groups: `(B, N, H)` -> `(B, G, k, H)` (`(1, R, k, H)` packed), zeros in empty
+    slots."""
     batch, seq_len, width = hidden.shape
     num_slots = layout.num_groups * layout.ratio
     if layout.slot_row is not None:
@@ -121,7 +138,7 @@ def gather_groups(hidden: torch.Tensor, layout: GroupLayout) -> torch.Tensor:
         slots = F.pad(hidden, (0, 0, 0, num_slots - seq_len))
     else:
         slots = hidden
-    return slots.view(batch, layout.num_groups, layout.ratio, width)
+    return slots.view(*layout.compressed_shape(batch), layout.ratio, width)
 
 
 def group_weights(groups: torch.Tensor, layout: GroupLayout, score: nn.Linear | None) -> torch.Tensor:
@@ -144,7 +161,7 @@ def group_weights(groups: torch.Tensor, layout: GroupLayout, score: nn.Linear | 
 
 
 def compress(hidden: torch.Tensor, layout: GroupLayout, score: nn.Linear | None = None) -> torch.Tensor:
-    """Compress every group of k tokens into one vector: `(B, N, H)` -> `(B, G, H)`.
+    """Compress every group of k tokens into one vector: `(B, N, H)` -> `(B, G, H)` (`(1, R, H)` packed).
 
     The compressed vector is the softmax-weighted sum of the group's tokens, the weights coming from a linear map of
     the concatenated group (k*H -> k). `score=None` gives plain average pooling.
@@ -155,11 +172,11 @@ def compress(hidden: torch.Tensor, layout: GroupLayout, score: nn.Linear | None 
 
 
 def repeat_groups(compressed: torch.Tensor, layout: GroupLayout) -> torch.Tensor:
-    """Give every token its group's vector back: `(B, G, D)` -> `(B, N, D)`."""
+    """Give every token its group's vector back: `(B, G, D)` (`(1, R, D)` packed) -> `(B, N, D)`."""
     batch, num_groups, width = compressed.shape
     if layout.token_row is not None:
         rows = compressed.reshape(batch * num_groups, width).index_select(0, layout.token_row)
-        return rows.view(batch, layout.seq_len, width)
+        return rows.view(-1, layout.seq_len, width)
     repeated = compressed.unsqueeze(2).expand(batch, num_groups, layout.ratio, width)
     return repeated.reshape(batch, num_groups * layout.ratio, width)[:, : layout.seq_len]
 

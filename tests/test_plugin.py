@@ -131,26 +131,40 @@ def test_decompression_is_repetition_plus_the_adapter_correction():
     torch.testing.assert_close(decompress(ffn_output, hidden, layout, adapter), expected)
 
 
-def test_padded_decompression_follows_the_definition_token_by_token():
+def test_padded_batches_follow_the_definition_token_by_token():
     # Left and right padding, and lengths 9 and 5 that leave a token alone in its last group at ratio 4.
     mask = torch.tensor([[1] * 9 + [0] * 3, [0] * 7 + [1] * 5, [1] * 12])
     hidden = torch.randn(3, 12, H)
     layout = plan_groups(12, 4, mask)
     _, adapter = make_plugin(4)
-    ffn_output = torch.randn(3, layout.num_groups, H)
-    restored = decompress(ffn_output, hidden, layout, adapter)
-    down_output, down_token, up = adapter
-    for row in range(3):
-        positions = mask[row].nonzero().flatten().tolist()
-        for rank, position in enumerate(positions):
-            group = rank // 4
-            group_out = ffn_output[row, group]
-            if len(positions[group * 4 : group * 4 + 4]) == 1:
+    ffn = torch.nn.Sequential(torch.nn.Linear(H, 16), torch.nn.GELU(), torch.nn.Linear(16, H))
+    with torch.no_grad():
+        restored = decompress(ffn(compress(hidden, layout)), hidden, layout, adapter)
+        down_output, down_token, up = adapter
+        for row in range(3):
+            positions = mask[row].nonzero().flatten().tolist()
+            for rank, position in enumerate(positions):
+                members = positions[rank // 4 * 4 : rank // 4 * 4 + 4]
+                group_out = ffn(hidden[row, members].mean(dim=0))
                 expected = group_out
-            else:
-                bottleneck = torch.relu(down_output(group_out) + down_token(hidden[row, position]))
-                expected = group_out + up(bottleneck)
-            torch.testing.assert_close(restored[row, position], expected, atol=1e-5, rtol=1e-5)
+                if len(members) > 1:
+                    expected = group_out + up(torch.relu(down_output(group_out) + down_token(hidden[row, position])))
+                torch.testing.assert_close(restored[row, position], expected, atol=1e-5, rtol=1e-5)
+
+
+def test_padded_batches_run_the_ffn_on_real_groups_only():
+    # Real lengths 9, 5 and 12 at ratio 4: 3 + 2 + 3 groups hold real tokens, of 3 x 3 planned.
+    mask = torch.tensor([[1] * 9 + [0] * 3, [0] * 7 + [1] * 5, [1] * 12])
+    layout = plan_groups(12, 4, mask)
+    assert compress(torch.randn(3, 12, H), layout).shape == (1, 8, H)
+
+
+def test_a_batch_of_only_padding_is_finite():
+    layout = plan_groups(5, 4, torch.zeros(2, 5, dtype=torch.long))
+    hidden = torch.randn(2, 5, H)
+    score, adapter = make_plugin(4)
+    out = decompress(compress(hidden, layout, score), hidden, layout, adapter)
+    assert out.shape == (2, 5, H) and torch.isfinite(out).all()
 
 
 def test_decompression_in_mixed_precision_matches_full_precision():
@@ -158,7 +172,7 @@ def test_decompression_in_mixed_precision_matches_full_precision():
     hidden = torch.randn(3, 12, H)
     layout = plan_groups(12, 4, mask)
     _, adapter = make_plugin(4)
-    ffn_output = torch.randn(3, layout.num_groups, H)
+    ffn_output = torch.randn(*layout.compressed_shape(3), H)
     full = decompress(ffn_output, hidden, layout, adapter)
     with torch.autocast("cpu", dtype=torch.bfloat16):
         mixed = decompress(ffn_output, hidden, layout, adapter)
