@@ -1,8 +1,8 @@
 """The serving example (examples/serve.py): endpoints, micro-batching, ratio scheduling and request errors.
 
 The app runs in-process through FastAPI's TestClient (no sockets). Which ratio serves a request is forced through the
-latency budget and the utilization limit (huge: uncompressed; tiny budget: the strongest ratio), so no assertion depends
-on how fast the machine is.
+latency budget and the utilization limit (huge: uncompressed; tiny budget: the strongest ratio), so no assertion
+depends on how fast the machine is.
 """
 
 from __future__ import annotations
