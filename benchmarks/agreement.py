@@ -40,6 +40,7 @@ def parse_args() -> argparse.Namespace:
     parser.add_argument(
         "--layers", type=int, nargs="+", default=None, help="Compress only these layers (default: every layer)."
     )
+    parser.add_argument("--adapter-dim", type=int, default=64, help="Bottleneck width of the decompression adapter.")
     parser.add_argument("--distill-layers", choices=["last", "all"], default="last")
     parser.add_argument(
         "--logits-weight", type=float, default=0.0, help="Add the teacher/student logits KL with this weight."
@@ -89,7 +90,9 @@ def main() -> None:
     names = [f"ratio{r}" for r in args.ratios]
 
     def config(ratio: int) -> VariatorConfig:
-        return VariatorConfig(ratio=ratio, task_type="CAUSAL_LM", layers_to_transform=args.layers)
+        return VariatorConfig(
+            ratio=ratio, adapter_dim=args.adapter_dim, task_type="CAUSAL_LM", layers_to_transform=args.layers
+        )
 
     model = get_peft_model(base, config(args.ratios[0]), adapter_name=names[0])
     for name, ratio in zip(names[1:], args.ratios[1:], strict=True):
