@@ -5,6 +5,8 @@ import torch
 from peft_variator.plugin import DecompressionAdapter, compress, decompress, init_score, plan_groups
 
 B, N, H = 3, 10, 8
+# Left and right padding, and real lengths 9 and 5 that leave a token alone in its last group at ratio 4.
+MIXED_PADDING = torch.tensor([[1] * 9 + [0] * 3, [0] * 7 + [1] * 5, [1] * 12])
 
 
 def make_plugin(ratio: int, adapter_dim: int = 4, random: bool = True):
@@ -132,8 +134,7 @@ def test_decompression_is_repetition_plus_the_adapter_correction():
 
 
 def test_padded_batches_follow_the_definition_token_by_token():
-    # Left and right padding, and lengths 9 and 5 that leave a token alone in its last group at ratio 4.
-    mask = torch.tensor([[1] * 9 + [0] * 3, [0] * 7 + [1] * 5, [1] * 12])
+    mask = MIXED_PADDING
     hidden = torch.randn(3, 12, H)
     layout = plan_groups(12, 4, mask)
     _, adapter = make_plugin(4)
@@ -154,7 +155,7 @@ def test_padded_batches_follow_the_definition_token_by_token():
 
 def test_padded_batches_run_the_ffn_on_real_groups_only():
     # Real lengths 9, 5 and 12 at ratio 4: 3 + 2 + 3 groups hold real tokens, of 3 x 3 planned.
-    mask = torch.tensor([[1] * 9 + [0] * 3, [0] * 7 + [1] * 5, [1] * 12])
+    mask = MIXED_PADDING
     layout = plan_groups(12, 4, mask)
     assert compress(torch.randn(3, 12, H), layout).shape == (1, 8, H)
 
@@ -168,7 +169,7 @@ def test_a_batch_of_only_padding_is_finite():
 
 
 def test_decompression_in_mixed_precision_matches_full_precision():
-    mask = torch.tensor([[1] * 9 + [0] * 3, [0] * 7 + [1] * 5, [1] * 12])
+    mask = MIXED_PADDING
     hidden = torch.randn(3, 12, H)
     layout = plan_groups(12, 4, mask)
     _, adapter = make_plugin(4)
