@@ -22,7 +22,7 @@ import statistics
 import sys
 import time
 from collections.abc import Callable
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 import torch
 from peft import get_peft_model
@@ -47,6 +47,8 @@ class Case:
     # Real tokens per sequence drawn uniformly from this range, the rest right padding (a served batch of texts of
     # different lengths); `None`: every sequence is `seq_len` real tokens.
     lengths: tuple[int, int] | None = None
+    # Extra `VariatorConfig` fields for this case.
+    config: dict = field(default_factory=dict)
 
 
 def minilm_path() -> str:
@@ -83,6 +85,8 @@ CASES = {
         4,
         512,
         32000,
+        # What a causal LM gets by default (the trunk alone, `LlamaModel`, does not).
+        config={"exact_last_token": True},
     ),
 }
 
@@ -113,11 +117,13 @@ def zero_cost_plugins(model: torch.nn.Module) -> contextlib.AbstractContextManag
 def run_case(case: Case, ratios: list[int], repeats: int, warmup: int, adapter_dim: int = 64) -> dict:
     torch.manual_seed(0)
     base = case.build().eval()
-    model = get_peft_model(
-        base, VariatorConfig(ratio=ratios[0], adapter_dim=adapter_dim), adapter_name=f"ratio{ratios[0]}"
-    )
+
+    def config(ratio: int) -> VariatorConfig:
+        return VariatorConfig(ratio=ratio, adapter_dim=adapter_dim, **case.config)
+
+    model = get_peft_model(base, config(ratios[0]), adapter_name=f"ratio{ratios[0]}")
     for ratio in ratios[1:]:
-        model.add_adapter(f"ratio{ratio}", VariatorConfig(ratio=ratio, adapter_dim=adapter_dim))
+        model.add_adapter(f"ratio{ratio}", config(ratio))
     model.eval()
     attention_mask = torch.ones(case.batch, case.seq_len, dtype=torch.long)
     if case.lengths is not None:

@@ -25,6 +25,10 @@ class VariatorConfig(PeftConfig):
             hidden). A string is matched as a regex against full module names, a list by exact name or name suffix.
             When `None`, the FFNs are taken from the architecture table for the model's `model_type`, or found by
             structure for other architectures.
+        exact_last_token (`bool`, *optional*): Leave the last real token of each sequence out of compression, so its
+            FFN output is exact. In a decoder's prompt that token's logits give the first generated token; keeping it
+            exact costs one FFN row per sequence. When `None`, on for causal language models (a `*ForCausalLM`
+            model or `task_type="CAUSAL_LM"`), off otherwise.
         layers_to_transform (`int` or `list[int]`, *optional*): Only compress the FFNs of these layer indices.
         layers_pattern (`str` or `list[str]`, *optional*): Name of the module list holding the layers (e.g.
             `"layers"`, `"h"`), used to read the layer index when `layers_to_transform` is set.
@@ -39,6 +43,15 @@ class VariatorConfig(PeftConfig):
     adapter_dim: int = field(
         default=64,
         metadata={"help": "Bottleneck width of the decompression adapter (an integer >= 1)."},
+    )
+    exact_last_token: bool | None = field(
+        default=None,
+        metadata={
+            "help": (
+                "Leave the last real token of each sequence uncompressed (exact FFN output). None: on for causal "
+                "language models, off otherwise."
+            )
+        },
     )
     target_modules: list[str] | str | None = field(
         default=None,
@@ -74,6 +87,8 @@ class VariatorConfig(PeftConfig):
         self.peft_type = VARIATOR
         self.ratio = _positive_int("ratio", self.ratio, minimum=2)
         self.adapter_dim = _positive_int("adapter_dim", self.adapter_dim, minimum=1)
+        if self.exact_last_token is not None and not isinstance(self.exact_last_token, bool):
+            raise ValueError(f"`exact_last_token` must be True, False or None, got {self.exact_last_token!r}.")
         if isinstance(self.target_modules, (list, tuple, set)):
             self.target_modules = list(self.target_modules)
             if not self.target_modules or not all(isinstance(name, str) and name for name in self.target_modules):

@@ -29,7 +29,7 @@ DECOMPRESSOR_NAMES = ("variator_down_output", "variator_down_token", "variator_u
 class VariatorLayer(nn.Module, BaseTunerLayer):
     """Common part of the Variator tuner layers: per-adapter ratios, the active plugin, no merging."""
 
-    other_param_names = ("ratio",)
+    other_param_names = ("ratio", "exact_last_token")
 
     def __init__(self, base_layer: nn.Module, padding: PaddingContext, hidden_size: int) -> None:
         super().__init__()
@@ -37,11 +37,13 @@ class VariatorLayer(nn.Module, BaseTunerLayer):
         self.padding = padding
         self.hidden_size = hidden_size
         self.ratio: dict[str, int] = {}
+        self.exact_last_token: dict[str, bool] = {}
         self._disable_adapters = False
         self.merged_adapters = []
 
     def update_layer(self, adapter_name: str, config: VariatorConfig) -> None:
         self.ratio[adapter_name] = config.ratio
+        self.exact_last_token[adapter_name] = bool(config.exact_last_token)
         self._add_plugin(adapter_name, config)
         self._move_adapter_to_device_of_base_layer(adapter_name)
         self.set_adapter(self.active_adapters, inference_mode=config.inference_mode)
@@ -107,7 +109,9 @@ class VariatorLayer(nn.Module, BaseTunerLayer):
         batch, seq_len = sequences.shape[:2]
         if seq_len == 1:
             return None
-        return self.padding.layout(batch, seq_len, self.ratio[adapter_name])
+        return self.padding.layout(
+            batch, seq_len, self.ratio[adapter_name], self.exact_last_token[adapter_name], sequences.device
+        )
 
     def __repr__(self) -> str:
         return "variator." + super().__repr__()

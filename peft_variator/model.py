@@ -4,6 +4,7 @@ from __future__ import annotations
 
 from peft.tuners.tuners_utils import BaseTuner, check_target_module_exists
 from torch import nn
+from transformers.models.auto.modeling_auto import MODEL_FOR_CAUSAL_LM_MAPPING_NAMES
 
 from .architectures import (
     FFN_LOCATIONS,
@@ -73,6 +74,8 @@ class VariatorModel(BaseTuner):
         return peft_config
 
     def _prepare_model(self, peft_config: VariatorConfig, model: nn.Module) -> None:
+        if peft_config.exact_last_token is None:
+            peft_config.exact_last_token = peft_config.task_type == "CAUSAL_LM" or _is_causal_lm(model)
         if peft_config.target_modules is None:
             hidden_size = hidden_size_of(self.get_model_config(model))
             found = []
@@ -185,6 +188,11 @@ class VariatorModel(BaseTuner):
         if hasattr(self.model, "peft_config"):
             del self.model.peft_config
         return self.model
+
+
+def _is_causal_lm(model: nn.Module) -> bool:
+    # transformers' own list of causal-LM classes, so GPT-2's `GPT2LMHeadModel` counts as well as `*ForCausalLM`.
+    return type(model).__name__ in set(MODEL_FOR_CAUSAL_LM_MAPPING_NAMES.values())
 
 
 def _remove_variator_tags(model: nn.Module) -> None:

@@ -35,7 +35,7 @@ class _Recorded:
     def __init__(self, mask: torch.Tensor | None = None, batch_size: int | None = None) -> None:
         self.mask = mask
         self.batch_size = mask.shape[0] if mask is not None else batch_size
-        self.layouts: dict[tuple[int, int, int], GroupLayout] = {}
+        self.layouts: dict[tuple[int, int, int, bool, torch.device], GroupLayout] = {}
 
 
 class PaddingContext:
@@ -68,13 +68,21 @@ class PaddingContext:
                 return
         self._local.recorded = self._latest = _Recorded(attention_mask, batch_size)
 
-    def layout(self, batch_size: int, seq_len: int, ratio: int) -> GroupLayout:
-        """The group layout of hidden states `(batch_size, seq_len, H)` for `ratio`, memoised per forward."""
+    def layout(
+        self, batch_size: int, seq_len: int, ratio: int, exact_last_token: bool, device: torch.device
+    ) -> GroupLayout:
+        """The group layout of hidden states `(batch_size, seq_len, H)` on `device` for `ratio`, memoised per forward.
+
+        Per device, because a model split over several GPUs (`device_map="auto"`) runs its layers on different ones.
+        """
         recorded = getattr(self._local, "recorded", None) or self._latest
-        key = (batch_size, seq_len, ratio)
+        key = (batch_size, seq_len, ratio, exact_last_token, device)
         layout = recorded.layouts.get(key)
         if layout is None:
-            layout = plan_groups(seq_len, ratio, self._mask_for(recorded.mask, batch_size, seq_len))
+            mask = self._mask_for(recorded.mask, batch_size, seq_len)
+            if mask is None and exact_last_token:
+                mask = torch.ones(batch_size, seq_len, dtype=torch.bool)
+            layout = plan_groups(seq_len, ratio, None if mask is None else mask.to(device), exact_last_token, device)
             recorded.layouts[key] = layout
         return layout
 

@@ -58,46 +58,60 @@ class GroupLayout:
         return 1, self.slot_row.shape[0] // self.ratio
 
 
-def plan_groups(seq_len: int, ratio: int, attention_mask: torch.Tensor | None = None) -> GroupLayout:
+def plan_groups(
+    seq_len: int,
+    ratio: int,
+    attention_mask: torch.Tensor | None = None,
+    exact_last_token: bool = False,
+    device: torch.device | str | None = None,
+) -> GroupLayout:
     """Group the tokens of a batch into runs of `ratio` consecutive real tokens.
 
     Args:
         seq_len: N.
         ratio: k.
         attention_mask: `(B, N)`, nonzero for real tokens; `None` when every token is real. Left, right or any other
-            padding is allowed.
+            padding is allowed. Needed with `exact_last_token` to know the batch size (all ones when unpadded).
+        exact_last_token: group all real tokens but the last one, which gets a group of its own, so its FFN output is
+            exact. In a decoder's prompt the last token is the one whose logits give the next token.
+        device: where the layout's tensors go when there is no `attention_mask` (otherwise: the mask's device).
     """
     if attention_mask is None:
+        if exact_last_token and seq_len % ratio != 1:
+            raise ValueError("`exact_last_token` needs the `attention_mask` (all ones when nothing is padded).")
         num_groups = -(-seq_len // ratio)
         tail = num_groups * ratio - seq_len
         if tail == 0:
             return GroupLayout(ratio, seq_len, num_groups)
-        slot_valid = torch.ones(1, num_groups, ratio, dtype=torch.bool)
+        slot_valid = torch.ones(1, num_groups, ratio, dtype=torch.bool, device=device)
         slot_valid[:, -1, ratio - tail :] = False
         token_alone = group_alone = None
         if seq_len % ratio == 1:
-            token_alone = torch.zeros(1, seq_len, dtype=torch.bool)
+            token_alone = torch.zeros(1, seq_len, dtype=torch.bool, device=device)
             token_alone[:, -1] = True
-            group_alone = torch.zeros(1, num_groups, dtype=torch.bool)
+            group_alone = torch.zeros(1, num_groups, dtype=torch.bool, device=device)
             group_alone[:, -1] = True
         return GroupLayout(
             ratio, seq_len, num_groups, slot_valid=slot_valid, token_alone=token_alone, group_alone=group_alone
         )
 
     real = attention_mask.bool()
-    if bool(real.all()):
-        return plan_groups(seq_len, ratio)
+    # Unpadded, the last token is alone in its group anyway when N = k * G + 1.
     device = real.device
+    if bool(real.all()) and (not exact_last_token or seq_len % ratio == 1):
+        return plan_groups(seq_len, ratio, device=device)
     lengths = real.sum(dim=1)
-    num_groups = max(1, -(-int(lengths.max()) // ratio))
+    # Every real token takes the slot of its rank among the real tokens; with `exact_last_token` the last one moves
+    # on to the first slot of the next group.
+    last_slot = -(-(lengths - 1).clamp(min=0) // ratio) * ratio if exact_last_token else lengths - 1
+    num_groups = max(1, int(last_slot.max()) // ratio + 1)
     num_slots = num_groups * ratio
     # A stable sort of "is padding" lists each row's real positions first, in order.
     real_positions = torch.argsort((~real).to(torch.int8), dim=1, stable=True)
-    if num_slots > seq_len:
-        real_positions = F.pad(real_positions, (0, num_slots - seq_len))
     slots = torch.arange(num_slots, device=device)
-    slot_is_real = slots < lengths[:, None]
-    slot_token = torch.where(slot_is_real, real_positions[:, :num_slots], 0)
+    slot_is_real = ((slots < lengths[:, None] - 1) | (slots == last_slot[:, None])) & (lengths[:, None] > 0)
+    slot_rank = torch.minimum(slots, (lengths[:, None] - 1).clamp(min=0))
+    slot_token = torch.where(slot_is_real, real_positions.gather(1, slot_rank), 0)
 
     group_size = slot_is_real.view(-1, num_groups, ratio).sum(dim=2)
     kept = (group_size > 0).flatten()
@@ -108,7 +122,8 @@ def plan_groups(seq_len: int, ratio: int, attention_mask: torch.Tensor | None = 
 
     sequence = torch.arange(real.shape[0], device=device)[:, None]
     rank = real.long().cumsum(dim=1) - 1
-    token_group = (rank.clamp(min=0) // ratio).clamp(max=num_groups - 1)
+    token_slot = torch.where(rank == lengths[:, None] - 1, last_slot[:, None], rank).clamp(min=0)
+    token_group = (token_slot // ratio).clamp(max=num_groups - 1)
     token_alone = (group_size.gather(1, token_group) == 1) & real
     any_alone = bool(token_alone.any())
     kept_size = group_size.flatten()[kept_groups]

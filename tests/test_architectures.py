@@ -114,9 +114,11 @@ def test_encoder_real_tokens_do_not_depend_on_batch_padding(model_type):
     assert torch.isfinite(batched).all()
 
 
+@pytest.mark.parametrize("exact_last_token", [True, False])
 @pytest.mark.parametrize("model_type", sorted(DECODERS))
-def test_decoder_mlps_are_found_and_left_padded_prompts_match_unpadded(model_type):
-    model = variator(AutoModelForCausalLM.from_config(DECODERS[model_type]), ratio=4)
+def test_decoder_mlps_are_found_and_left_padded_prompts_match_unpadded(model_type, exact_last_token):
+    base = AutoModelForCausalLM.from_config(DECODERS[model_type])
+    model = variator(base, ratio=4, exact_last_token=exact_last_token)
     expected = [VariatorFFNInput, VariatorFFNOutput] if model_type == "opt" else [VariatorFFN]
     assert list(wrapped(model).values()) == expected * LAYERS
     lengths = [10, 5]
@@ -159,6 +161,32 @@ def test_flattened_tokens_are_regrouped_per_sequence_and_compressed():
         rows = [model(input_ids=prompt[row : row + 1]).logits[0] for row in range(3)]
     assert not torch.allclose(compressed, reference)
     torch.testing.assert_close(compressed, torch.stack(rows), atol=1e-5, rtol=1e-5)
+
+
+def test_causal_lms_keep_the_last_prompt_token_exact_unless_told_otherwise():
+    for model_type in ("llama", "gpt2"):  # LlamaForCausalLM, GPT2LMHeadModel
+        base = AutoModelForCausalLM.from_config(DECODERS[model_type])
+        assert get_peft_model(base, VariatorConfig()).peft_config["default"].exact_last_token is True
+    encoder = AutoModel.from_config(ENCODERS["bert"])
+    assert get_peft_model(encoder, VariatorConfig()).peft_config["default"].exact_last_token is False
+    explicit = VariatorConfig(exact_last_token=False)
+    base = AutoModelForCausalLM.from_config(DECODERS["llama"])
+    assert get_peft_model(base, explicit).peft_config["default"].exact_last_token is False
+
+
+def test_the_last_prompt_token_gets_the_exact_ffn_output():
+    model = variator(AutoModelForCausalLM.from_config(DECODERS["llama"]), ratio=4)
+    mlp = model.base_model.model.model.layers[1].mlp
+    seen = {}
+    handle = mlp.register_forward_hook(lambda module, args, output: seen.update(inputs=args[0], output=output))
+    # 11 = 4 + 4 + 3: without the option the last token would share a group with the two before it.
+    prompt = torch.randint(3, 100, (2, 11))
+    with torch.no_grad():
+        model(input_ids=prompt)
+        handle.remove()
+        exact = mlp.get_base_layer()(seen["inputs"])
+    torch.testing.assert_close(seen["output"][:, -1], exact[:, -1])
+    assert not torch.allclose(seen["output"][:, -2], exact[:, -2])
 
 
 def test_single_token_decode_steps_run_uncompressed():

@@ -29,6 +29,8 @@ def test_defaults_follow_the_paper():
         ({"layers_to_transform": -1}, "layers_to_transform"),
         ({"layers_to_transform": [0, "1"]}, "layers_to_transform"),
         ({"layers_pattern": "layers"}, "layers_pattern"),
+        ({"exact_last_token": "yes"}, "exact_last_token"),
+        ({"exact_last_token": 1}, "exact_last_token"),
     ],
 )
 def test_bad_values_raise_naming_the_field(kwargs, field):
@@ -41,14 +43,17 @@ def test_integral_float_ratio_is_accepted_as_int():
 
 
 def test_config_round_trips_through_json(tmp_path):
-    config = VariatorConfig(ratio=8, adapter_dim=32, layers_to_transform=[0, 2], modules_to_save=["classifier"])
+    config = VariatorConfig(
+        ratio=8, adapter_dim=32, layers_to_transform=[0, 2], modules_to_save=["classifier"], exact_last_token=False
+    )
     config.save_pretrained(tmp_path)
     loaded = PeftConfig.from_pretrained(tmp_path)
     assert isinstance(loaded, VariatorConfig)
-    assert (loaded.ratio, loaded.adapter_dim, loaded.layers_to_transform, loaded.modules_to_save) == (
-        8,
-        32,
-        [0, 2],
-        ["classifier"],
-    )
+    assert (
+        loaded.ratio,
+        loaded.adapter_dim,
+        loaded.layers_to_transform,
+        loaded.modules_to_save,
+        loaded.exact_last_token,
+    ) == (8, 32, [0, 2], ["classifier"], False)
     assert loaded.peft_type == VARIATOR

@@ -1,5 +1,6 @@
 """The plugin math on its own: shapes, the untrained starting point, padding, short sequences."""
 
+import pytest
 import torch
 
 from peft_variator.plugin import DecompressionAdapter, compress, decompress, init_score, plan_groups
@@ -56,9 +57,11 @@ def test_decompression_adds_a_per_token_correction():
     assert not torch.allclose(restored[:, 0], restored[:, 1])
 
 
-def run_plugin(hidden, ratio, mask=None, seed_plugin=None):
+def run_plugin(hidden, ratio, mask=None, seed_plugin=None, exact_last_token=False):
     score, adapter = seed_plugin
-    layout = plan_groups(hidden.shape[1], ratio, mask)
+    if mask is None and exact_last_token:
+        mask = torch.ones(hidden.shape[:2], dtype=torch.long)
+    layout = plan_groups(hidden.shape[1], ratio, mask, exact_last_token)
     # A stand-in FFN that mixes features, so errors in grouping show up.
     ffn = torch.nn.Sequential(torch.nn.Linear(H, 16), torch.nn.GELU(), torch.nn.Linear(16, H))
     torch.manual_seed(1)
@@ -67,11 +70,12 @@ def run_plugin(hidden, ratio, mask=None, seed_plugin=None):
     return decompress(ffn(compress(hidden, layout, score)), hidden, layout, adapter)
 
 
-def test_padding_side_and_amount_do_not_change_real_token_outputs():
+@pytest.mark.parametrize("exact_last_token", [False, True])
+def test_padding_side_and_amount_do_not_change_real_token_outputs(exact_last_token):
     plugin = make_plugin(4)
     lengths = [7, 3, 10]
     sequences = [torch.randn(1, n, H) for n in lengths]
-    alone = [run_plugin(seq, 4, seed_plugin=plugin) for seq in sequences]
+    alone = [run_plugin(seq, 4, seed_plugin=plugin, exact_last_token=exact_last_token) for seq in sequences]
     for side in ("right", "left"):
         for width in (10, 13):
             batch = torch.full((3, width, H), 1e4)  # loud padding: it must not leak anywhere
@@ -80,7 +84,7 @@ def test_padding_side_and_amount_do_not_change_real_token_outputs():
                 n = seq.shape[1]
                 span = slice(0, n) if side == "right" else slice(width - n, width)
                 batch[row, span], mask[row, span] = seq[0], 1
-            out = run_plugin(batch, 4, mask, seed_plugin=plugin)
+            out = run_plugin(batch, 4, mask, seed_plugin=plugin, exact_last_token=exact_last_token)
             assert torch.isfinite(out).all()
             for row, expected in enumerate(alone):
                 torch.testing.assert_close(out[row][mask[row].bool()], expected[0], atol=1e-5, rtol=1e-5)
@@ -116,6 +120,31 @@ def test_a_token_alone_in_its_group_gets_the_exact_ffn_output():
     torch.testing.assert_close(restored[0, 8], compressed[0, 2])
 
 
+def test_exact_last_token_puts_each_sequences_last_real_token_in_a_group_of_its_own():
+    # Real lengths 9, 5 and 12 at ratio 4: 8 + 1, 4 + 1 and 11 + 1 tokens, so 2 + 1, 1 + 1 and 3 + 1 groups.
+    layout = plan_groups(12, 4, MIXED_PADDING, exact_last_token=True)
+    assert layout.compressed_shape(3) == (1, 9)
+    last_positions = [8, 11, 11]
+    assert layout.token_alone.nonzero().tolist() == [[row, col] for row, col in enumerate(last_positions)]
+    hidden = torch.randn(3, 12, H)
+    score, adapter = make_plugin(4)
+    ffn = torch.nn.Linear(H, H)
+    restored = decompress(ffn(compress(hidden, layout, score)), hidden, layout, adapter)
+    for row, col in enumerate(last_positions):
+        torch.testing.assert_close(restored[row, col], ffn(hidden[row, col]))
+
+
+def test_unpadded_layouts_are_made_on_the_requested_device():
+    # The meta device stands in for a GPU: mixing its tensors with CPU ones fails just as CUDA does.
+    score = make_plugin(4)[0].to("meta")
+    for seq_len in (9, 10):  # a token alone in the last group; a partly empty last group
+        layout = plan_groups(seq_len, 4, device="meta")
+        masks = [layout.slot_valid, layout.token_alone, layout.group_alone]
+        assert {mask.device.type for mask in masks if mask is not None} == {"meta"}
+        hidden = torch.randn(2, seq_len, H, device="meta")
+        assert decompress(compress(hidden, layout, score), hidden, layout).shape == (2, seq_len, H)
+
+
 def test_sequence_shorter_than_ratio_forms_one_group():
     hidden = torch.randn(2, 3, H)
     layout = plan_groups(3, 8)
@@ -133,10 +162,11 @@ def test_decompression_is_repetition_plus_the_adapter_correction():
     torch.testing.assert_close(decompress(ffn_output, hidden, layout, adapter), expected)
 
 
-def test_padded_batches_follow_the_definition_token_by_token():
+@pytest.mark.parametrize("exact_last_token", [False, True])
+def test_padded_batches_follow_the_definition_token_by_token(exact_last_token):
     mask = MIXED_PADDING
     hidden = torch.randn(3, 12, H)
-    layout = plan_groups(12, 4, mask)
+    layout = plan_groups(12, 4, mask, exact_last_token)
     _, adapter = make_plugin(4)
     ffn = torch.nn.Sequential(torch.nn.Linear(H, 16), torch.nn.GELU(), torch.nn.Linear(16, H))
     with torch.no_grad():
@@ -144,8 +174,11 @@ def test_padded_batches_follow_the_definition_token_by_token():
         down_output, down_token, up = adapter
         for row in range(3):
             positions = mask[row].nonzero().flatten().tolist()
+            # With `exact_last_token` the last real token forms a group of its own.
+            grouped = positions[:-1] if exact_last_token else positions
             for rank, position in enumerate(positions):
-                members = positions[rank // 4 * 4 : rank // 4 * 4 + 4]
+                start = rank // 4 * 4
+                members = [position] if rank >= len(grouped) else grouped[start : start + 4]
                 group_out = ffn(hidden[row, members].mean(dim=0))
                 expected = group_out
                 if len(members) > 1:
