@@ -80,9 +80,11 @@ class PaddingContext:
         layout = recorded.layouts.get(key)
         if layout is None:
             mask = self._mask_for(recorded.mask, batch_size, seq_len)
-            if mask is None and exact_last_token:
-                mask = torch.ones(batch_size, seq_len, dtype=torch.bool)
-            layout = plan_groups(seq_len, ratio, None if mask is None else mask.to(device), exact_last_token, device)
+            if mask is not None:
+                mask = mask.to(device)
+            elif exact_last_token:
+                mask = torch.ones(batch_size, seq_len, dtype=torch.bool, device=device)
+            layout = plan_groups(seq_len, ratio, mask, exact_last_token, device)
             recorded.layouts[key] = layout
         return layout
 

@@ -96,8 +96,8 @@ def plan_groups(
         )
 
     real = attention_mask.bool()
-    # Unpadded, the last token is alone in its group anyway when N = k * G + 1.
     device = real.device
+    # Unpadded, the last token is alone in its group anyway when N = k * G + 1.
     if bool(real.all()) and (not exact_last_token or seq_len % ratio == 1):
         return plan_groups(seq_len, ratio, device=device)
     lengths = real.sum(dim=1)

@@ -3,6 +3,7 @@
 import pytest
 import torch
 
+from peft_variator.padding import PaddingContext
 from peft_variator.plugin import DecompressionAdapter, compress, decompress, init_score, plan_groups
 
 B, N, H = 3, 10, 8
@@ -143,6 +144,15 @@ def test_unpadded_layouts_are_made_on_the_requested_device():
         assert {mask.device.type for mask in masks if mask is not None} == {"meta"}
         hidden = torch.randn(2, seq_len, H, device="meta")
         assert decompress(compress(hidden, layout, score), hidden, layout).shape == (2, seq_len, H)
+
+
+def test_the_padding_context_plans_one_layout_per_device():
+    # A model split over several GPUs runs its layers on different devices within one forward.
+    context = PaddingContext()
+    context.record(None, batch_size=2)
+    on_cpu = context.layout(2, 10, 4, False, torch.device("cpu"))
+    on_meta = context.layout(2, 10, 4, False, torch.device("meta"))
+    assert (on_cpu.slot_valid.device.type, on_meta.slot_valid.device.type) == ("cpu", "meta")
 
 
 def test_sequence_shorter_than_ratio_forms_one_group():
