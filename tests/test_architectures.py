@@ -3,6 +3,7 @@
 
 from __future__ import annotations
 
+import json
 import logging
 
 import pytest
@@ -163,10 +164,13 @@ def test_flattened_tokens_are_regrouped_per_sequence_and_compressed():
     torch.testing.assert_close(compressed, torch.stack(rows), atol=1e-5, rtol=1e-5)
 
 
-def test_causal_lms_keep_the_last_prompt_token_exact_unless_told_otherwise():
+def test_causal_lms_keep_the_last_prompt_token_exact_unless_told_otherwise(tmp_path):
     for model_type in ("llama", "gpt2"):  # LlamaForCausalLM, GPT2LMHeadModel
         base = AutoModelForCausalLM.from_config(DECODERS[model_type])
         assert get_peft_model(base, VariatorConfig()).peft_config["default"].exact_last_token is True
+    # The resolved value is what gets saved, so a loaded adapter runs as it was trained.
+    get_peft_model(AutoModelForCausalLM.from_config(DECODERS["llama"]), VariatorConfig()).save_pretrained(tmp_path)
+    assert json.loads((tmp_path / "adapter_config.json").read_text())["exact_last_token"] is True
     encoder = AutoModel.from_config(ENCODERS["bert"])
     assert get_peft_model(encoder, VariatorConfig()).peft_config["default"].exact_last_token is False
     explicit = VariatorConfig(exact_last_token=False)
