@@ -21,14 +21,14 @@ class VariatorConfig(PeftConfig):
     Args:
         ratio (`int`): How many consecutive tokens are compressed into one vector. At least 2.
         adapter_dim (`int`): Bottleneck width of the decompression adapter. At least 1.
-        target_modules (`list[str]` or `str`, *optional*): Whole FFN modules to compress (hidden -> intermediate ->
-            hidden). A string is matched as a regex against full module names, a list by exact name or name suffix.
-            When `None`, the FFNs are taken from the architecture table for the model's `model_type`, or found by
-            structure for other architectures.
         exact_last_token (`bool`, *optional*): Leave the last real token of each sequence out of compression, so its
             FFN output is exact. In a decoder's prompt that token's logits give the first generated token; keeping it
             exact costs one FFN row per sequence. When `None`, on for causal language models (a `*ForCausalLM`
             model or `task_type="CAUSAL_LM"`), off otherwise.
+        target_modules (`list[str]` or `str`, *optional*): Whole FFN modules to compress (hidden -> intermediate ->
+            hidden). A string is matched as a regex against full module names, a list by exact name or name suffix.
+            When `None`, the FFNs are taken from the architecture table for the model's `model_type`, or found by
+            structure for other architectures.
         layers_to_transform (`int` or `list[int]`, *optional*): Only compress the FFNs of these layer indices.
         layers_pattern (`str` or `list[str]`, *optional*): Name of the module list holding the layers (e.g.
             `"layers"`, `"h"`), used to read the layer index when `layers_to_transform` is set.
