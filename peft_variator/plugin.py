@@ -101,16 +101,17 @@ def plan_groups(
     if bool(real.all()) and (not exact_last_token or seq_len % ratio == 1):
         return plan_groups(seq_len, ratio, device=device)
     lengths = real.sum(dim=1)
+    last_rank = (lengths - 1)[:, None]  # -1 for a row of nothing but padding
     # Every real token takes the slot of its rank among the real tokens; with `exact_last_token` the last one moves
     # on to the first slot of the next group.
-    last_slot = -(-(lengths - 1).clamp(min=0) // ratio) * ratio if exact_last_token else lengths - 1
+    last_slot = -(-last_rank.clamp(min=0) // ratio) * ratio if exact_last_token else last_rank
     num_groups = max(1, int(last_slot.max()) // ratio + 1)
     num_slots = num_groups * ratio
     # A stable sort of "is padding" lists each row's real positions first, in order.
     real_positions = torch.argsort((~real).to(torch.int8), dim=1, stable=True)
     slots = torch.arange(num_slots, device=device)
-    slot_is_real = ((slots < lengths[:, None] - 1) | (slots == last_slot[:, None])) & (lengths[:, None] > 0)
-    slot_rank = torch.minimum(slots, (lengths[:, None] - 1).clamp(min=0))
+    slot_is_real = ((slots < last_rank) | (slots == last_slot)) & (last_rank >= 0)
+    slot_rank = torch.minimum(slots, last_rank.clamp(min=0))
     slot_token = torch.where(slot_is_real, real_positions.gather(1, slot_rank), 0)
 
     group_size = slot_is_real.view(-1, num_groups, ratio).sum(dim=2)
@@ -122,7 +123,7 @@ def plan_groups(
 
     sequence = torch.arange(real.shape[0], device=device)[:, None]
     rank = real.long().cumsum(dim=1) - 1
-    token_slot = torch.where(rank == lengths[:, None] - 1, last_slot[:, None], rank).clamp(min=0)
+    token_slot = torch.where(rank == last_rank, last_slot, rank).clamp(min=0)
     token_group = (token_slot // ratio).clamp(max=num_groups - 1)
     token_alone = (group_size.gather(1, token_group) == 1) & real
     any_alone = bool(token_alone.any())
