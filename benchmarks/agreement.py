@@ -5,12 +5,18 @@ tweets from the train split, then, on held-out tweets of the test split used as 
 first generated token (greedy: the argmax at the last prompt position) is the same with plugins as without them.
 Also reported for untrained plugins (average pooling) as a floor. Target: >= 90 % at ratio 4.
 
+What the metric can resolve: a tweet's end is a weak point to predict from (the teacher's top-1 probability is about
+0.2 at the median), so near-ties flip under any perturbation. As reference points the report gives the agreement of
+the same uncompressed model run in bfloat16, agreement on the prompts where the teacher is confident (top-1 at least
+0.1 above the runner-up) and on the rest, and the mean KL(teacher || student) at the predicting position.
+
     python benchmarks/agreement.py [--ratios 4] [--train-examples 2000] [--eval-examples 500]
 """
 
 from __future__ import annotations
 
 import argparse
+import copy
 import importlib.util
 import json
 import os
@@ -21,11 +27,20 @@ import time
 import torch
 from peft import get_peft_model
 from torch.utils.data import DataLoader
-from transformers import AutoModelForCausalLM, AutoTokenizer, DataCollatorWithPadding, TrainingArguments
+from transformers import (
+    AutoModelForCausalLM,
+    AutoTokenizer,
+    DataCollatorWithPadding,
+    TrainerCallback,
+    TrainingArguments,
+)
 
 import peft_variator  # noqa: F401  (registers the method with PEFT)
 from peft_variator import VariatorConfig, VariatorTrainer
 from peft_variator.data import load_tweets, tokenize
+
+# Teacher top-1 probability minus the runner-up's at or above which a prompt counts as confidently predicted.
+CONFIDENT_MARGIN = 0.1
 
 
 def parse_args() -> argparse.Namespace:
@@ -44,6 +59,16 @@ def parse_args() -> argparse.Namespace:
     parser.add_argument("--distill-layers", choices=["last", "all"], default="last")
     parser.add_argument(
         "--logits-weight", type=float, default=0.0, help="Add the teacher/student logits KL with this weight."
+    )
+    parser.add_argument(
+        "--decode-tokens",
+        type=int,
+        default=None,
+        help="Causal LMs: the last this many tokens of each text run exact while training, standing for generated "
+        "tokens, and the logits KL counts them only (default: VariatorTrainer's, 8 for causal LMs).",
+    )
+    parser.add_argument(
+        "--eval-every", type=int, default=0, help="Also measure agreement every this many training steps (0: never)."
     )
     parser.add_argument("--output", default="benchmarks/results/agreement.json")
     return parser.parse_args()
@@ -65,13 +90,30 @@ def load_smollm2():
 
 
 @torch.no_grad()
-def next_tokens(model, dataset, collator, batch_size: int = 32) -> torch.Tensor:
-    """Greedy first generated token of every prompt (left padding: the last position is the last prompt token)."""
+def next_token_logits(model, dataset, collator, batch_size: int = 32) -> torch.Tensor:
+    """`(prompts, vocab)` logits of the first generated token (left padding: the last position is the last prompt
+    token), in float32."""
     model.eval()
-    tokens = []
+    logits = []
     for batch in DataLoader(dataset, batch_size=batch_size, collate_fn=collator):
-        tokens.append(model(**batch).logits[:, -1].argmax(-1))
-    return torch.cat(tokens)
+        logits.append(model(**batch).logits[:, -1].float())
+    return torch.cat(logits)
+
+
+def compare(student: torch.Tensor, teacher: torch.Tensor) -> dict[str, float]:
+    """Greedy agreement (%), overall and split by the teacher's confidence, and the mean KL(teacher || student)."""
+    agree = student.argmax(-1) == teacher.argmax(-1)
+    top2 = teacher.softmax(-1).topk(2, dim=-1).values
+    confident = top2[:, 0] - top2[:, 1] >= CONFIDENT_MARGIN
+    log_teacher = teacher.log_softmax(-1)
+    kl = (log_teacher.exp() * (log_teacher - student.log_softmax(-1))).sum(-1)
+    return {
+        "agreement": 100.0 * float(agree.float().mean()),
+        "agreement_confident": 100.0 * float(agree[confident].float().mean()),
+        "agreement_unsure": 100.0 * float(agree[~confident].float().mean()),
+        "confident_share": 100.0 * float(confident.float().mean()),
+        "kl": float(kl.mean()),
+    }
 
 
 def main() -> None:
@@ -85,7 +127,12 @@ def main() -> None:
     train = tweets["train"].select(range(args.train_examples))
     held_out = tweets["test"].select(range(args.eval_examples))
     held_out = held_out.filter(lambda row: len(row["input_ids"]) >= 2)
-    reference = next_tokens(base, held_out, collator)
+    reference = next_token_logits(base, held_out, collator)
+    # The same uncompressed model in bfloat16: a perturbation usually taken as harmless, for scale.
+    bfloat16 = copy.deepcopy(base).to(torch.bfloat16)
+    bfloat16_reference = compare(next_token_logits(bfloat16, held_out, collator), reference)
+    del bfloat16
+    print(f"uncompressed model in bfloat16: {bfloat16_reference}", flush=True)
 
     names = [f"ratio{r}" for r in args.ratios]
 
@@ -98,15 +145,27 @@ def main() -> None:
     for name, ratio in zip(names[1:], args.ratios[1:], strict=True):
         model.add_adapter(name, config(ratio))
 
-    def agreement() -> dict[str, float]:
-        scores = {}
+    def measure() -> dict[str, dict[str, float]]:
+        details = {}
         for name in names:
             model.set_adapter(name)
-            scores[name] = 100.0 * float((next_tokens(model, held_out, collator) == reference).float().mean())
-        return scores
+            details[name] = compare(next_token_logits(model, held_out, collator), reference)
+        return details
 
-    untrained = agreement()
+    untrained_details = measure()
+    untrained = {name: scores["agreement"] for name, scores in untrained_details.items()}
     print(f"untrained plugins: {untrained}", flush=True)
+    curve, eval_every, eval_seconds = [], args.eval_every, [0.0]
+
+    class LearningCurve(TrainerCallback):
+        def on_step_end(self, _args, state, control, **kwargs):
+            if state.global_step % eval_every == 0 and state.global_step < state.max_steps:
+                measured = time.time()
+                curve.append({"step": state.global_step, **measure()})
+                eval_seconds[0] += time.time() - measured
+                print(f"step {state.global_step}: {curve[-1]}", flush=True)
+                model.train()
+
     started = time.time()
     with tempfile.TemporaryDirectory() as output_dir:
         VariatorTrainer(
@@ -127,12 +186,15 @@ def main() -> None:
             distill_weight=1.0,
             distill_layers=args.distill_layers,
             logits_weight=args.logits_weight,
+            decode_tokens=args.decode_tokens,
             ratios_adapters=names,
             train_dataset=train,
             data_collator=collator,
+            callbacks=[LearningCurve()] if args.eval_every > 0 else None,
         ).train()
-    minutes = (time.time() - started) / 60
-    trained = agreement()
+    minutes = (time.time() - started - eval_seconds[0]) / 60
+    trained_details = measure()
+    trained = {name: scores["agreement"] for name, scores in trained_details.items()}
     print(f"pre-trained plugins: {trained}", flush=True)
     report = {
         "command": " ".join(["python", *sys.argv]),
@@ -140,6 +202,9 @@ def main() -> None:
         "settings": vars(args),
         "eval_prompts": held_out.num_rows,
         "agreement_percent": {"untrained": untrained, "pretrained": trained},
+        "details": {"untrained": untrained_details, "pretrained": trained_details},
+        "reference_bfloat16": bfloat16_reference,
+        "learning_curve": curve,
         "train_minutes": minutes,
         "target_percent_at_ratio4": 90.0,
     }

@@ -24,7 +24,7 @@ from peft_variator import VariatorConfig
 from peft_variator.data import load_tweets, tokenize
 
 sys.path.insert(0, os.path.dirname(__file__))
-from agreement import load_smollm2, next_tokens  # noqa: E402
+from agreement import load_smollm2, next_token_logits  # noqa: E402
 
 
 def main() -> None:
@@ -41,7 +41,7 @@ def main() -> None:
     collator = DataCollatorWithPadding(tokenizer)
     tweets = tokenize(load_tweets(), tokenizer, max_length=args.max_length).remove_columns("label")
     held_out = tweets["test"].select(range(args.eval_examples)).filter(lambda row: len(row["input_ids"]) >= 2)
-    reference = next_tokens(base, held_out, collator)
+    reference = next_token_logits(base, held_out, collator).argmax(-1)
 
     num_layers = base.config.num_hidden_layers
     layer_sets = {"all": list(range(num_layers))}
@@ -60,7 +60,8 @@ def main() -> None:
         else:
             model.add_adapter(name, config)
         model.set_adapter(name)
-        agreement[name] = 100.0 * float((next_tokens(model, held_out, collator) == reference).float().mean())
+        predicted = next_token_logits(model, held_out, collator).argmax(-1)
+        agreement[name] = 100.0 * float((predicted == reference).float().mean())
         print(f"{name}: {agreement[name]:.1f} %", flush=True)
     report = {
         "command": " ".join(["python", *sys.argv]),

@@ -76,6 +76,13 @@ def parse_args() -> argparse.Namespace:
         help="Also distill the next-token logits (KL) with this weight: for causal LMs, where it keeps the next token "
         "far better (docs/benchmarks.md). Leave 0 for classification models, whose stage-1 head is untrained.",
     )
+    parser.add_argument(
+        "--decode-tokens",
+        type=int,
+        default=None,
+        help="Causal LMs: the last this many tokens of each text run exact while training, standing for generated "
+        "tokens, and the logits KL counts them only (default: VariatorTrainer's, 8 for causal LMs).",
+    )
     parser.add_argument("--output-dir", default="plugins/pretrained", help="Where the adapters (ratio<k>/) go.")
     parser.add_argument("--bf16", action="store_true", help="Mixed precision (plugin weights stay float32).")
     return parser.parse_args()
@@ -132,6 +139,7 @@ def main() -> None:
         distill_weight=1.0,
         distill_layers=args.distill_layers,
         logits_weight=args.logits_weight,
+        decode_tokens=args.decode_tokens,
         ratios_adapters=names,
         train_dataset=texts,
         data_collator=DataCollatorWithPadding(tokenizer),

@@ -48,6 +48,10 @@ class PaddingContext:
     def __init__(self) -> None:
         self._local = threading.local()
         self._latest = _Recorded()
+        # Set by VariatorTrainer while it distills a causal LM: so many of each sequence's last tokens run exact, as
+        # the last prompt token and the generated tokens do at inference. For every thread (checkpointed layers are
+        # recomputed on autograd's), and only where the adapter keeps the last token exact.
+        self.decode_tokens = 0
 
     def __deepcopy__(self, memo: dict) -> PaddingContext:
         # Recorded masks belong to the original's forwards; a copied model (its entry points and layers, through
@@ -76,15 +80,16 @@ class PaddingContext:
         Per device, because a model split over several GPUs (`device_map="auto"`) runs its layers on different ones.
         """
         recorded = getattr(self._local, "recorded", None) or self._latest
-        key = (batch_size, seq_len, ratio, exact_last_token, device)
+        exact_tail = max(1, self.decode_tokens) if exact_last_token else 0
+        key = (batch_size, seq_len, ratio, exact_tail, device)
         layout = recorded.layouts.get(key)
         if layout is None:
             mask = self._mask_for(recorded.mask, batch_size, seq_len)
             if mask is not None:
                 mask = mask.to(device)
-            elif exact_last_token:
+            elif exact_tail:
                 mask = torch.ones(batch_size, seq_len, dtype=torch.bool, device=device)
-            layout = plan_groups(seq_len, ratio, mask, exact_last_token, device)
+            layout = plan_groups(seq_len, ratio, mask, exact_tail, device)
             recorded.layouts[key] = layout
         return layout
 

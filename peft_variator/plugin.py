@@ -62,7 +62,7 @@ def plan_groups(
     seq_len: int,
     ratio: int,
     attention_mask: torch.Tensor | None = None,
-    exact_last_token: bool = False,
+    exact_tail: int = 0,
     device: torch.device | str | None = None,
 ) -> GroupLayout:
     """Group the tokens of a batch into runs of `ratio` consecutive real tokens.
@@ -71,14 +71,17 @@ def plan_groups(
         seq_len: N.
         ratio: k.
         attention_mask: `(B, N)`, nonzero for real tokens; `None` when every token is real. Left, right or any other
-            padding is allowed. Needed with `exact_last_token` to know the batch size (all ones when unpadded).
-        exact_last_token: group all real tokens but the last one, which gets a group of its own, so its FFN output is
-            exact. In a decoder's prompt the last token is the one whose logits give the next token.
+            padding is allowed. Needed with `exact_tail` to know the batch size (all ones when unpadded).
+        exact_tail: how many of each sequence's last real tokens get a group of their own, so their FFN outputs are
+            exact; the real tokens before them are grouped. 1 with `exact_last_token`: in a decoder's prompt the last
+            token is the one whose logits give the next token. More while training, to stand for generated tokens.
         device: where the layout's tensors go when there is no `attention_mask` (otherwise: the mask's device).
     """
+    # Unpadded, the last token is alone in its group anyway when N = k * G + 1.
+    tail_is_free = exact_tail == 0 or (exact_tail == 1 and seq_len % ratio == 1)
     if attention_mask is None:
-        if exact_last_token and seq_len % ratio != 1:
-            raise ValueError("`exact_last_token` needs the `attention_mask` (all ones when nothing is padded).")
+        if not tail_is_free:
+            raise ValueError("`exact_tail` needs the `attention_mask` (all ones when nothing is padded).")
         num_groups = -(-seq_len // ratio)
         tail = num_groups * ratio - seq_len
         if tail == 0:
@@ -97,21 +100,24 @@ def plan_groups(
 
     real = attention_mask.bool()
     device = real.device
-    # Unpadded, the last token is alone in its group anyway when N = k * G + 1.
-    if bool(real.all()) and (not exact_last_token or seq_len % ratio == 1):
+    if tail_is_free and bool(real.all()):
         return plan_groups(seq_len, ratio, device=device)
-    lengths = real.sum(dim=1)
-    last_rank = (lengths - 1)[:, None]  # -1 for a row of nothing but padding
-    # Every real token takes the slot of its rank among the real tokens; with `exact_last_token` the last one moves
-    # on to the first slot of the next group.
-    last_slot = -(-last_rank.clamp(min=0) // ratio) * ratio if exact_last_token else last_rank
-    num_groups = max(1, int(last_slot.max()) // ratio + 1)
+    lengths = real.sum(dim=1, keepdim=True)
+    # Every grouped real token takes the slot of its rank among the real tokens; each exact one takes the first slot
+    # of a group of its own after them.
+    grouped = (lengths - exact_tail).clamp(min=0)
+    tail_start = -(-grouped // ratio) * ratio
+    tail_length = lengths - grouped
+    num_groups = max(1, int((tail_start // ratio + tail_length).max()))
     num_slots = num_groups * ratio
     # A stable sort of "is padding" lists each row's real positions first, in order.
     real_positions = torch.argsort((~real).to(torch.int8), dim=1, stable=True)
     slots = torch.arange(num_slots, device=device)
-    slot_is_real = ((slots < last_rank) | (slots == last_slot)) & (last_rank >= 0)
-    slot_rank = torch.minimum(slots, last_rank.clamp(min=0))
+    in_tail = slots >= tail_start
+    tail_rank = (slots - tail_start) // ratio
+    opens_tail_group = ((slots - tail_start) % ratio == 0) & (tail_rank < tail_length)
+    slot_is_real = torch.where(in_tail, opens_tail_group, slots < grouped)
+    slot_rank = torch.where(in_tail, grouped + tail_rank, slots).clamp(max=real.shape[1] - 1)
     slot_token = torch.where(slot_is_real, real_positions.gather(1, slot_rank), 0)
 
     group_size = slot_is_real.view(-1, num_groups, ratio).sum(dim=2)
@@ -123,7 +129,7 @@ def plan_groups(
 
     sequence = torch.arange(real.shape[0], device=device)[:, None]
     rank = real.long().cumsum(dim=1) - 1
-    token_slot = torch.where(rank == last_rank, last_slot, rank).clamp(min=0)
+    token_slot = torch.where(rank < grouped, rank, tail_start + (rank - grouped) * ratio).clamp(min=0)
     token_group = (token_slot // ratio).clamp(max=num_groups - 1)
     token_alone = (group_size.gather(1, token_group) == 1) & real
     any_alone = bool(token_alone.any())

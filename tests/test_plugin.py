@@ -58,11 +58,11 @@ def test_decompression_adds_a_per_token_correction():
     assert not torch.allclose(restored[:, 0], restored[:, 1])
 
 
-def run_plugin(hidden, ratio, mask=None, seed_plugin=None, exact_last_token=False):
+def run_plugin(hidden, ratio, mask=None, seed_plugin=None, exact_tail=0):
     score, adapter = seed_plugin
-    if mask is None and exact_last_token:
+    if mask is None and exact_tail:
         mask = torch.ones(hidden.shape[:2], dtype=torch.long)
-    layout = plan_groups(hidden.shape[1], ratio, mask, exact_last_token)
+    layout = plan_groups(hidden.shape[1], ratio, mask, exact_tail)
     # A stand-in FFN that mixes features, so errors in grouping show up.
     ffn = torch.nn.Sequential(torch.nn.Linear(H, 16), torch.nn.GELU(), torch.nn.Linear(16, H))
     torch.manual_seed(1)
@@ -71,12 +71,12 @@ def run_plugin(hidden, ratio, mask=None, seed_plugin=None, exact_last_token=Fals
     return decompress(ffn(compress(hidden, layout, score)), hidden, layout, adapter)
 
 
-@pytest.mark.parametrize("exact_last_token", [False, True])
-def test_padding_side_and_amount_do_not_change_real_token_outputs(exact_last_token):
+@pytest.mark.parametrize("exact_tail", [0, 1, 3])
+def test_padding_side_and_amount_do_not_change_real_token_outputs(exact_tail):
     plugin = make_plugin(4)
     lengths = [7, 3, 10]
     sequences = [torch.randn(1, n, H) for n in lengths]
-    alone = [run_plugin(seq, 4, seed_plugin=plugin, exact_last_token=exact_last_token) for seq in sequences]
+    alone = [run_plugin(seq, 4, seed_plugin=plugin, exact_tail=exact_tail) for seq in sequences]
     for side in ("right", "left"):
         for width in (10, 13):
             batch = torch.full((3, width, H), 1e4)  # loud padding: it must not leak anywhere
@@ -85,7 +85,7 @@ def test_padding_side_and_amount_do_not_change_real_token_outputs(exact_last_tok
                 n = seq.shape[1]
                 span = slice(0, n) if side == "right" else slice(width - n, width)
                 batch[row, span], mask[row, span] = seq[0], 1
-            out = run_plugin(batch, 4, mask, seed_plugin=plugin, exact_last_token=exact_last_token)
+            out = run_plugin(batch, 4, mask, seed_plugin=plugin, exact_tail=exact_tail)
             assert torch.isfinite(out).all()
             for row, expected in enumerate(alone):
                 torch.testing.assert_close(out[row][mask[row].bool()], expected[0], atol=1e-5, rtol=1e-5)
@@ -123,7 +123,7 @@ def test_a_token_alone_in_its_group_gets_the_exact_ffn_output():
 
 def test_exact_last_token_puts_each_sequences_last_real_token_in_a_group_of_its_own():
     # Real lengths 9, 5 and 12 at ratio 4: 8 + 1, 4 + 1 and 11 + 1 tokens, so 2 + 1, 1 + 1 and 3 + 1 groups.
-    layout = plan_groups(12, 4, MIXED_PADDING, exact_last_token=True)
+    layout = plan_groups(12, 4, MIXED_PADDING, exact_tail=1)
     assert layout.compressed_shape(3) == (1, 9)
     last_positions = [8, 11, 11]
     assert layout.token_alone.nonzero().tolist() == [[row, col] for row, col in enumerate(last_positions)]
@@ -172,11 +172,11 @@ def test_decompression_is_repetition_plus_the_adapter_correction():
     torch.testing.assert_close(decompress(ffn_output, hidden, layout, adapter), expected)
 
 
-@pytest.mark.parametrize("exact_last_token", [False, True])
-def test_padded_batches_follow_the_definition_token_by_token(exact_last_token):
+@pytest.mark.parametrize("exact_tail", [0, 1, 3, 6])
+def test_padded_batches_follow_the_definition_token_by_token(exact_tail):
     mask = MIXED_PADDING
     hidden = torch.randn(3, 12, H)
-    layout = plan_groups(12, 4, mask, exact_last_token)
+    layout = plan_groups(12, 4, mask, exact_tail)
     _, adapter = make_plugin(4)
     ffn = torch.nn.Sequential(torch.nn.Linear(H, 16), torch.nn.GELU(), torch.nn.Linear(16, H))
     with torch.no_grad():
@@ -184,8 +184,8 @@ def test_padded_batches_follow_the_definition_token_by_token(exact_last_token):
         down_output, down_token, up = adapter
         for row in range(3):
             positions = mask[row].nonzero().flatten().tolist()
-            # With `exact_last_token` the last real token forms a group of its own.
-            grouped = positions[:-1] if exact_last_token else positions
+            # The last `exact_tail` real tokens form groups of their own.
+            grouped = positions[: max(0, len(positions) - exact_tail)]
             for rank, position in enumerate(positions):
                 start = rank // 4 * 4
                 members = [position] if rank >= len(grouped) else grouped[start : start + 4]

@@ -25,7 +25,7 @@ from transformers import (
 
 from peft_variator import VariatorConfig
 from peft_variator.layer import VariatorLayer
-from peft_variator.trainer import VariatorTrainer, logits_kl, masked_mse
+from peft_variator.trainer import VariatorTrainer, last_real_tokens, logits_kl, masked_mse
 
 VOCAB, PAD = 100, 0
 
@@ -282,6 +282,127 @@ def test_causal_lm_plugins_train_by_distillation_alone(tmp_path):
     trainer.train()
     assert distillation_loss(trainer, batch) < 0.7 * before_loss
     assert changed(model, before) == {name for name, _ in model.named_parameters() if "variator_" in name}
+
+
+def test_last_real_tokens_marks_the_end_of_each_sequence_whatever_the_padding_side():
+    mask = torch.tensor([[1, 1, 1, 1, 0, 0], [0, 0, 1, 1, 1, 1], [0, 1, 0, 0, 0, 0]])
+    assert last_real_tokens(mask, 2).int().tolist() == [[0, 0, 1, 1, 0, 0], [0, 0, 0, 0, 1, 1], [0, 1, 0, 0, 0, 0]]
+
+
+def test_decode_tokens_defaults_to_8_for_causal_lms_that_keep_the_last_token_exact(tmp_path):
+    def resolved(model, **kwargs):
+        return VariatorTrainer(model=model, args=training_args(tmp_path), task_weight=0.0, **kwargs).decode_tokens
+
+    assert resolved(get_peft_model(tiny_llama(), VariatorConfig(ratio=4, adapter_dim=8))) == 8
+    inexact = VariatorConfig(ratio=4, adapter_dim=8, exact_last_token=False)
+    assert resolved(get_peft_model(tiny_llama(), inexact)) == 0
+    assert resolved(variator_bert()) == 0
+    assert resolved(get_peft_model(tiny_llama(), VariatorConfig(ratio=4, adapter_dim=8)), decode_tokens=0) == 0
+
+
+@pytest.mark.parametrize(
+    ("make_model", "decode_tokens", "message"),
+    [
+        (lambda: get_peft_model(tiny_llama(), VariatorConfig(ratio=4)), -1, "integer >= 0"),
+        (lambda: get_peft_model(tiny_llama(), VariatorConfig(ratio=4)), 2.0, "integer >= 0"),
+        (lambda: variator_bert(), 4, "causal language models"),
+        (lambda: get_peft_model(tiny_llama(), VariatorConfig(ratio=4, exact_last_token=False)), 4, "exact_last_token"),
+    ],
+)
+def test_bad_decode_tokens_raise_naming_the_argument(tmp_path, make_model, decode_tokens, message):
+    with pytest.raises(ValueError, match=f"decode_tokens.*{message}"):
+        VariatorTrainer(model=make_model(), args=training_args(tmp_path), task_weight=0.0, decode_tokens=decode_tokens)
+
+
+TWO_PROMPTS = [{"input_ids": list(range(1, 14))}, {"input_ids": list(range(20, 29))}]  # 13 and 9 tokens
+
+
+def one_training_step(tmp_path, model, **trainer_kwargs) -> float:
+    """The loss of one step on `TWO_PROMPTS` (learning rate 0: the weights stay as they are)."""
+    trainer = VariatorTrainer(
+        model=model,
+        args=training_args(tmp_path, max_steps=1, per_device_train_batch_size=2, learning_rate=0.0),
+        task_weight=0.0,
+        train_dataset=Dataset.from_list(TWO_PROMPTS),
+        data_collator=collate,
+        **trainer_kwargs,
+    )
+    return trainer.train().training_loss
+
+
+def test_while_training_the_last_decode_tokens_of_each_sequence_run_exact(tmp_path):
+    model = get_peft_model(tiny_llama(), VariatorConfig(ratio=4, adapter_dim=8))
+    randomize_plugins(model, std=0.2)
+    first_layer_outputs = []  # the teacher's, then the student's
+    hook = (
+        model.get_base_model()
+        .model.layers[0]
+        .register_forward_hook(
+            lambda _module, _args, output: first_layer_outputs.append(
+                output[0] if isinstance(output, tuple) else output
+            )
+        )
+    )
+    try:
+        one_training_step(tmp_path, model, decode_tokens=3)
+        teacher, student = first_layer_outputs
+        # The first layer's attention reads uncompressed embeddings, so there an exact FFN gives the teacher's output.
+        lengths = [len(row["input_ids"]) for row in TWO_PROMPTS]
+        rows = {length: row for row, length in enumerate(collate(TWO_PROMPTS)["attention_mask"].sum(1).tolist())}
+        for length in lengths:
+            row = rows[length]
+            torch.testing.assert_close(student[row, length - 3 : length], teacher[row, length - 3 : length])
+            assert not torch.allclose(student[row, : length - 3], teacher[row, : length - 3])
+        # Outside training the adapter's own layout holds again: of the last three, only the last token is exact.
+        with torch.no_grad():
+            model(**collate(TWO_PROMPTS))
+        served = first_layer_outputs[-1]
+        assert not torch.allclose(served[0, 10:12], teacher[rows[13], 10:12])
+        torch.testing.assert_close(served[0, 12], teacher[rows[13], 12])
+    finally:
+        hook.remove()
+
+
+def test_with_decode_tokens_the_logits_kl_counts_those_positions_only(tmp_path):
+    model = get_peft_model(tiny_llama(), VariatorConfig(ratio=4, adapter_dim=8))
+    randomize_plugins(model, std=0.2)
+
+    def loss(decode_tokens: int) -> float:
+        kwargs = dict(distill_weight=0.0, logits_weight=1.0, decode_tokens=decode_tokens)
+        return one_training_step(tmp_path, model, **kwargs)
+
+    batch = collate(TWO_PROMPTS)
+    with torch.no_grad():
+        with model.disable_adapter():
+            teacher = model(**batch).logits
+        student = model(**batch).logits
+    # Without decode tokens: the KL over every real token. Covering whole sequences: nothing is compressed.
+    assert loss(0) == pytest.approx(logits_kl(student, teacher, batch["attention_mask"]).item(), rel=1e-4)
+    assert loss(13) == pytest.approx(0.0, abs=1e-6)
+    assert 0 < loss(3) < loss(0)
+
+
+def test_gradient_checkpointing_recomputes_the_decode_token_layout(tmp_path):
+    def run(output_dir, **overrides):
+        torch.manual_seed(0)
+        model = get_peft_model(tiny_llama(), VariatorConfig(ratio=4, adapter_dim=8))
+        trainer = VariatorTrainer(
+            model=model,
+            args=training_args(output_dir, max_steps=3, **overrides),
+            task_weight=0.0,
+            logits_weight=1.0,
+            decode_tokens=3,
+            train_dataset=token_dataset(24, "none"),
+            data_collator=collate,
+        )
+        trainer.train()
+        return model
+
+    plain = run(tmp_path / "plain")
+    checkpointed = run(tmp_path / "checkpointed", gradient_checkpointing=True)
+    plain_state = plain.state_dict()
+    for name, value in checkpointed.state_dict().items():
+        torch.testing.assert_close(value, plain_state[name])
 
 
 # Several adapters
