@@ -22,6 +22,7 @@ from peft import PeftModel
 from torch import nn
 from transformers import Trainer
 from transformers.models.auto.modeling_auto import MODEL_FOR_CAUSAL_LM_MAPPING_NAMES
+from transformers.trainer_pt_utils import nested_detach
 
 from .architectures import layer_index
 from .config import VariatorConfig
@@ -149,9 +150,28 @@ class VariatorTrainer(Trainer):
         with _exact_decode_tokens(self.accelerator.unwrap_model(model), self.decode_tokens):
             return super().training_step(model, *args, **kwargs)
 
-    def prediction_step(self, model: nn.Module, *args: Any, **kwargs: Any) -> Any:
+    def prediction_step(
+        self,
+        model: nn.Module,
+        inputs: dict[str, torch.Tensor | Any],
+        prediction_loss_only: bool,
+        ignore_keys: list[str] | None = None,
+    ) -> tuple[torch.Tensor | None, Any, Any]:
         with _exact_decode_tokens(self.accelerator.unwrap_model(model), self.decode_tokens):
-            return super().prediction_step(model, *args, **kwargs)
+            if any(inputs.get(name) is not None for name in self.label_names):
+                return super().prediction_step(model, inputs, prediction_loss_only, ignore_keys)
+            # Unlabelled text (plugin pre-training): the Trainer reports no loss without labels, but distillation
+            # needs none, so `evaluate()` gets its `eval_loss` all the same.
+            inputs = self._prepare_inputs(inputs)
+            with torch.no_grad():
+                loss, outputs = self.compute_loss(model, inputs, return_outputs=True)
+            if prediction_loss_only:
+                return loss.detach(), None, None
+            if ignore_keys is None:
+                config = getattr(self.model, "config", None)
+                ignore_keys = getattr(config, "keys_to_ignore_at_inference", ["past_key_values"])
+            logits = tuple(value for key, value in outputs.items() if key not in (*ignore_keys, "loss"))
+            return loss.detach(), nested_detach(logits[0] if len(logits) == 1 else logits), None
 
     def compute_loss(
         self,

@@ -630,6 +630,30 @@ def test_evaluate_and_predict_report_the_loss_and_the_logits_only(tmp_path):
     assert prediction.predictions.shape == (12, 3)
 
 
+def test_evaluate_on_unlabelled_text_reports_the_distillation_loss(tmp_path):
+    # Plugin pre-training has no labels; the Trainer alone would report no loss at all.
+    model = get_peft_model(tiny_llama(), VariatorConfig(ratio=4, adapter_dim=8))
+    randomize_plugins(model, std=0.2)
+    data = token_dataset(8, "none")
+    trainer = VariatorTrainer(
+        model=model,
+        args=training_args(tmp_path, per_device_eval_batch_size=8),
+        task_weight=0.0,
+        decode_tokens=0,  # the student then runs as the forward below does
+        eval_dataset=data,
+        data_collator=collate,
+    )
+    batch = collate([data[i] for i in range(8)])
+    with torch.no_grad():
+        with model.disable_adapter():
+            teacher = model(**batch, output_hidden_states=True).hidden_states[-1]
+        student = model(**batch, output_hidden_states=True).hidden_states[-1]
+    expected = masked_mse(student, teacher, batch["attention_mask"]).item()
+    assert expected > 0
+    assert trainer.evaluate()["eval_loss"] == pytest.approx(expected, rel=1e-4)
+    assert trainer.predict(data).predictions.shape[:2] == batch["input_ids"].shape
+
+
 # A real model
 
 
