@@ -111,6 +111,11 @@ def variator_bert(**config) -> PeftModel:
     return get_peft_model(tiny_bert(), VariatorConfig(ratio=4, **config))
 
 
+def variator_llama(**config) -> PeftModel:
+    config.setdefault("adapter_dim", 8)
+    return get_peft_model(tiny_llama(), VariatorConfig(ratio=4, **config))
+
+
 def snapshot(model: torch.nn.Module) -> dict[str, torch.Tensor]:
     return {name: parameter.detach().clone() for name, parameter in model.named_parameters()}
 
@@ -258,7 +263,7 @@ def test_a_model_without_variator_plugins_is_refused(tmp_path):
 
 
 def test_causal_lm_task_loss_through_compressed_prompts_is_refused(tmp_path):
-    model = get_peft_model(tiny_llama(), VariatorConfig(ratio=4, adapter_dim=8))
+    model = variator_llama()
     trainer = VariatorTrainer(
         model=model, args=training_args(tmp_path), train_dataset=token_dataset(16, "lm"), data_collator=collate
     )
@@ -267,7 +272,7 @@ def test_causal_lm_task_loss_through_compressed_prompts_is_refused(tmp_path):
 
 
 def test_causal_lm_plugins_train_by_distillation_alone(tmp_path):
-    model = get_peft_model(tiny_llama(), VariatorConfig(ratio=4, adapter_dim=8))
+    model = variator_llama()
     randomize_plugins(model, std=0.2)
     data = token_dataset(64, "lm")
     trainer = VariatorTrainer(
@@ -293,20 +298,19 @@ def test_decode_tokens_defaults_to_8_for_causal_lms_that_keep_the_last_token_exa
     def resolved(model, **kwargs):
         return VariatorTrainer(model=model, args=training_args(tmp_path), task_weight=0.0, **kwargs).decode_tokens
 
-    assert resolved(get_peft_model(tiny_llama(), VariatorConfig(ratio=4, adapter_dim=8))) == 8
-    inexact = VariatorConfig(ratio=4, adapter_dim=8, exact_last_token=False)
-    assert resolved(get_peft_model(tiny_llama(), inexact)) == 0
+    assert resolved(variator_llama()) == 8
+    assert resolved(variator_llama(exact_last_token=False)) == 0
     assert resolved(variator_bert()) == 0
-    assert resolved(get_peft_model(tiny_llama(), VariatorConfig(ratio=4, adapter_dim=8)), decode_tokens=0) == 0
+    assert resolved(variator_llama(), decode_tokens=0) == 0
 
 
 @pytest.mark.parametrize(
     ("make_model", "decode_tokens", "message"),
     [
-        (lambda: get_peft_model(tiny_llama(), VariatorConfig(ratio=4)), -1, "integer >= 0"),
-        (lambda: get_peft_model(tiny_llama(), VariatorConfig(ratio=4)), 2.0, "integer >= 0"),
-        (lambda: variator_bert(), 4, "causal language models"),
-        (lambda: get_peft_model(tiny_llama(), VariatorConfig(ratio=4, exact_last_token=False)), 4, "exact_last_token"),
+        (variator_llama, -1, "integer >= 0"),
+        (variator_llama, 2.0, "integer >= 0"),
+        (variator_bert, 4, "causal language models"),
+        (lambda: variator_llama(exact_last_token=False), 4, "exact_last_token"),
     ],
 )
 def test_bad_decode_tokens_raise_naming_the_argument(tmp_path, make_model, decode_tokens, message):
@@ -331,7 +335,7 @@ def one_training_step(tmp_path, model, **trainer_kwargs) -> float:
 
 
 def test_while_training_the_last_decode_tokens_of_each_sequence_run_exact(tmp_path):
-    model = get_peft_model(tiny_llama(), VariatorConfig(ratio=4, adapter_dim=8))
+    model = variator_llama()
     randomize_plugins(model, std=0.2)
     first_layer_outputs = []  # the teacher's, then the student's
     hook = (
@@ -364,7 +368,7 @@ def test_while_training_the_last_decode_tokens_of_each_sequence_run_exact(tmp_pa
 
 
 def test_with_decode_tokens_the_logits_kl_counts_those_positions_only(tmp_path):
-    model = get_peft_model(tiny_llama(), VariatorConfig(ratio=4, adapter_dim=8))
+    model = variator_llama()
     randomize_plugins(model, std=0.2)
 
     def loss(decode_tokens: int) -> float:
@@ -385,7 +389,7 @@ def test_with_decode_tokens_the_logits_kl_counts_those_positions_only(tmp_path):
 def test_gradient_checkpointing_recomputes_the_decode_token_layout(tmp_path):
     def run(output_dir, **overrides):
         torch.manual_seed(0)
-        model = get_peft_model(tiny_llama(), VariatorConfig(ratio=4, adapter_dim=8))
+        model = variator_llama()
         trainer = VariatorTrainer(
             model=model,
             args=training_args(output_dir, max_steps=3, **overrides),
@@ -632,7 +636,7 @@ def test_evaluate_and_predict_report_the_loss_and_the_logits_only(tmp_path):
 
 def test_evaluate_on_unlabelled_text_reports_the_distillation_loss(tmp_path):
     # Plugin pre-training has no labels; the Trainer alone would report no loss at all.
-    model = get_peft_model(tiny_llama(), VariatorConfig(ratio=4, adapter_dim=8))
+    model = variator_llama()
     randomize_plugins(model, std=0.2)
     data = token_dataset(8, "none")
     trainer = VariatorTrainer(
