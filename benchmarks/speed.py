@@ -114,16 +114,23 @@ def zero_cost_plugins(model: torch.nn.Module) -> contextlib.AbstractContextManag
     )
 
 
-def run_case(case: Case, ratios: list[int], repeats: int, warmup: int, adapter_dim: int = 64) -> dict:
+def run_case(
+    case: Case, ratios: list[int], repeats: int, warmup: int, adapter_dim: int = 64, dtype: torch.dtype | None = None
+) -> dict:
     torch.manual_seed(0)
     base = case.build().eval()
+    if dtype is not None:
+        base = base.to(dtype)
 
     def config(ratio: int) -> VariatorConfig:
         return VariatorConfig(ratio=ratio, adapter_dim=adapter_dim, **case.config)
 
-    model = get_peft_model(base, config(ratios[0]), adapter_name=f"ratio{ratios[0]}")
+    # In a half-precision model the plugins run in its dtype, as deployed for inference; PEFT's default would
+    # upcast them to float32 (for training).
+    autocast = dtype is None
+    model = get_peft_model(base, config(ratios[0]), adapter_name=f"ratio{ratios[0]}", autocast_adapter_dtype=autocast)
     for ratio in ratios[1:]:
-        model.add_adapter(f"ratio{ratio}", config(ratio))
+        model.add_adapter(f"ratio{ratio}", config(ratio), autocast_adapter_dtype=autocast)
     model.eval()
     attention_mask = torch.ones(case.batch, case.seq_len, dtype=torch.long)
     if case.lengths is not None:
@@ -183,16 +190,24 @@ def main() -> None:
     parser.add_argument("--warmup", type=int, default=1)
     parser.add_argument("--adapter-dim", type=int, default=64, help="Bottleneck width of the decompression adapter.")
     parser.add_argument("--threads", type=int, default=os.cpu_count())
+    parser.add_argument(
+        "--dtype", choices=["float32", "bfloat16"], default="float32", help="Model and plugin dtype (inference)."
+    )
     parser.add_argument("--output", help="write the results as JSON here")
     args = parser.parse_args()
     torch.set_num_threads(args.threads)
 
     results = []
-    print(f"torch {torch.__version__}, {torch.get_num_threads()} threads, load average {os.getloadavg()[0]:.2f}")
+    dtype = None if args.dtype == "float32" else getattr(torch, args.dtype)
+    print(
+        f"torch {torch.__version__}, {torch.get_num_threads()} threads, {args.dtype}, "
+        f"load average {os.getloadavg()[0]:.2f}"
+    )
     print("| case | ratio | base ms | Variator ms | speed-up | ceiling | of ceiling | per repeat: median (q1-q3) |")
     print("|---|---|---|---|---|---|---|---|")
     for key in args.cases:
-        result = run_case(CASES[key], args.ratios, args.repeats, args.warmup, args.adapter_dim)
+        result = run_case(CASES[key], args.ratios, args.repeats, args.warmup, args.adapter_dim, dtype)
+        result["dtype"] = args.dtype
         results.append(result)
         base_ms = result["median_ms"]["base"]
         for ratio, figures in result["ratios"].items():

@@ -51,6 +51,23 @@ class VariatorLayer(nn.Module, BaseTunerLayer):
     def _add_plugin(self, adapter_name: str, config: VariatorConfig) -> None:
         raise NotImplementedError
 
+    def _get_base_layer_device_and_dtype(
+        self, base_layer: nn.Module
+    ) -> tuple[torch.device | None, torch.dtype | None]:
+        # PEFT reads the base layer's `.weight`. A whole FFN block (and BERT's `intermediate`) has none, and PEFT then
+        # moves nothing: an adapter added to a model on a GPU would stay on the CPU, and one added to a bfloat16 model
+        # would stay float32 even with `autocast_adapter_dtype=False`. The FFN's own parameters say where it runs.
+        device, dtype = super()._get_base_layer_device_and_dtype(base_layer)
+        if device is not None:
+            return device, dtype
+        parameters = list(base_layer.parameters())
+        if not parameters:
+            return None, None
+        floating = next((p for p in parameters if p.is_floating_point()), None)
+        if floating is None:  # a quantized FFN (integer weights, no float bias): a device, but no dtype to follow
+            return parameters[0].device, None
+        return floating.device, floating.dtype
+
     def active_plugin(self) -> str | None:
         """Name of the adapter whose plugin runs, or None when the layer runs as the base model."""
         if self.disable_adapters:

@@ -313,6 +313,36 @@ def test_half_precision_models_keep_plugins_in_float32():
     assert all(p.grad is not None and p.grad.dtype == torch.float32 for p in plugins)
 
 
+@pytest.mark.parametrize("architecture", ["llama", "bert"])
+def test_without_autocast_every_plugin_follows_the_model_dtype(architecture):
+    """`autocast_adapter_dtype=False` is how PEFT keeps adapters in a half-precision model's dtype (for inference).
+    Every plugin tensor follows it: where the tuner layer wraps a whole FFN block (Llama's `mlp`), either half of a
+    split one (BERT), and for an adapter added later. Finding the FFN's dtype is the same step as finding its device,
+    which decides where an added adapter lands on a GPU."""
+    from transformers import AutoModel, LlamaConfig
+
+    if architecture == "llama":
+        config = LlamaConfig(
+            vocab_size=100, hidden_size=32, intermediate_size=64, num_hidden_layers=2, num_attention_heads=4
+        )
+    else:
+        config = tiny_bert_config()
+    base = AutoModel.from_config(config).to(torch.bfloat16)
+    model = get_peft_model(base, VariatorConfig(ratio=4), autocast_adapter_dtype=False)
+    model.add_adapter("ratio8", VariatorConfig(ratio=8), autocast_adapter_dtype=False)
+    dtypes = {
+        (name.split(".")[-3], name.split(".")[-2], p.dtype)
+        for name, p in model.named_parameters()
+        if "variator_" in name
+    }
+    assert {dtype for *_, dtype in dtypes} == {torch.bfloat16}
+    assert {adapter for _, adapter, _ in dtypes} == {"default", "ratio8"}
+    assert len({module for module, *_ in dtypes}) == 4  # the scoring map and the adapter's three linear maps
+    model.set_adapter("ratio8")
+    output = model(input_ids=torch.randint(0, 100, (2, 10))).last_hidden_state
+    assert output.dtype == torch.bfloat16 and torch.isfinite(output).all()
+
+
 def test_forwards_from_several_threads_keep_their_own_padding():
     from concurrent.futures import ThreadPoolExecutor
 
