@@ -312,6 +312,16 @@ def test_call_runs_the_chosen_adapter(tiny_model, budget, expected):
     assert torch.equal(output.last_hidden_state, reference_output(tiny_model, expected, batch))
 
 
+def test_an_uncompressed_batch_leaves_the_plugins_on_for_the_next_one(tiny_model):
+    batch = batch_of(2, 24)
+    ratio4 = reference_output(tiny_model, "ratio4", batch)
+    scheduler = scheduler_with_costs(tiny_model, budget=1000.0)
+    _, decision = scheduler.run(batch)
+    assert decision.adapter is None
+    with torch.inference_mode():
+        assert torch.equal(tiny_model(**batch).last_hidden_state, ratio4)
+
+
 def test_call_outputs_differ_between_adapters(tiny_model):
     # Guards the test above: if every adapter gave the same output, it could not tell them apart.
     batch = batch_of(2, 24)
