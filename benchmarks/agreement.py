@@ -10,6 +10,9 @@ What the metric can resolve: a tweet's end is a weak point to predict from (the 
 the same uncompressed model run in bfloat16, agreement on the prompts where the teacher is confident (top-1 at least
 0.1 above the runner-up) and on the rest, and the mean KL(teacher || student) at the predicting position.
 
+Every figure is also given for a second prompt set, `mid_text`: the same held-out tweets cut after a random token
+(at least two kept, at least one dropped), so the first generated token continues a text rather than follows its end.
+
     python benchmarks/agreement.py [--ratios 4] [--train-examples 2000] [--eval-examples 500]
 """
 
@@ -20,6 +23,7 @@ import copy
 import importlib.util
 import json
 import os
+import random
 import sys
 import tempfile
 import time
@@ -100,6 +104,17 @@ def next_token_logits(model, dataset, collator, batch_size: int = 32) -> torch.T
     return torch.cat(logits)
 
 
+def cut_mid_text(dataset, seed: int = 0):
+    """Each prompt cut after a random token (keeping 2 to length - 1 tokens): the next token continues the text."""
+    rng = random.Random(seed)
+    longer = dataset.filter(lambda row: len(row["input_ids"]) >= 3)
+    keep = [rng.randint(2, len(ids) - 1) for ids in longer["input_ids"]]
+    return longer.map(
+        lambda row, index: {key: row[key][: keep[index]] for key in ("input_ids", "attention_mask")},
+        with_indices=True,
+    )
+
+
 def compare(student: torch.Tensor, teacher: torch.Tensor) -> dict[str, float]:
     """Greedy agreement (%), overall and split by the teacher's confidence, and the mean KL(teacher || student)."""
     agree = student.argmax(-1) == teacher.argmax(-1)
@@ -127,10 +142,20 @@ def main() -> None:
     train = tweets["train"].select(range(args.train_examples))
     held_out = tweets["test"].select(range(args.eval_examples))
     held_out = held_out.filter(lambda row: len(row["input_ids"]) >= 2)
-    reference = next_token_logits(base, held_out, collator)
+    prompt_sets = {"tweet_end": held_out, "mid_text": cut_mid_text(held_out)}
+    references = {key: next_token_logits(base, prompts, collator) for key, prompts in prompt_sets.items()}
+
+    def agreement_of(model) -> dict[str, float]:
+        """Agreement with the uncompressed model on the tweet-end prompts, and the same under `mid_text`."""
+        measured = {
+            key: compare(next_token_logits(model, prompts, collator), references[key])
+            for key, prompts in prompt_sets.items()
+        }
+        return {**measured["tweet_end"], "mid_text": measured["mid_text"]}
+
     # The same uncompressed model in bfloat16: a perturbation usually taken as harmless, for scale.
     bfloat16 = copy.deepcopy(base).to(torch.bfloat16)
-    bfloat16_reference = compare(next_token_logits(bfloat16, held_out, collator), reference)
+    bfloat16_reference = agreement_of(bfloat16)
     del bfloat16
     print(f"uncompressed model in bfloat16: {bfloat16_reference}", flush=True)
 
@@ -149,7 +174,7 @@ def main() -> None:
         details = {}
         for name in names:
             model.set_adapter(name)
-            details[name] = compare(next_token_logits(model, held_out, collator), reference)
+            details[name] = agreement_of(model)
         return details
 
     untrained_details = measure()
@@ -201,7 +226,12 @@ def main() -> None:
         "model": "SmolLM2-135M-Instruct (GGUF Q4_1, de-quantized)",
         "settings": vars(args),
         "eval_prompts": held_out.num_rows,
+        "mid_text_prompts": prompt_sets["mid_text"].num_rows,
         "agreement_percent": {"untrained": untrained, "pretrained": trained},
+        "mid_text_agreement_percent": {
+            "untrained": {name: scores["mid_text"]["agreement"] for name, scores in untrained_details.items()},
+            "pretrained": {name: scores["mid_text"]["agreement"] for name, scores in trained_details.items()},
+        },
         "details": {"untrained": untrained_details, "pretrained": trained_details},
         "reference_bfloat16": bfloat16_reference,
         "learning_curve": curve,
