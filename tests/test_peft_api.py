@@ -17,7 +17,7 @@ from peft import (
     set_peft_model_state_dict,
 )
 from safetensors.torch import load_file
-from transformers import AutoModelForSequenceClassification, BertConfig, BertModel
+from transformers import AutoModelForSequenceClassification, BertConfig, BertModel, LlamaConfig
 
 from peft_variator import VariatorConfig
 from peft_variator.layer import VariatorLayer
@@ -26,6 +26,12 @@ from peft_variator.layer import VariatorLayer
 def tiny_bert_config() -> BertConfig:
     return BertConfig(
         vocab_size=100, hidden_size=32, num_hidden_layers=3, num_attention_heads=4, intermediate_size=64, num_labels=3
+    )
+
+
+def tiny_llama_config() -> LlamaConfig:
+    return LlamaConfig(
+        vocab_size=100, hidden_size=32, intermediate_size=64, num_hidden_layers=2, num_attention_heads=4
     )
 
 
@@ -299,12 +305,11 @@ def test_gradient_checkpointing_recomputes_the_same_grouping():
 
 
 def test_half_precision_models_keep_plugins_in_float32():
-    from transformers import AutoModelForCausalLM, LlamaConfig
+    from transformers import AutoModelForCausalLM
 
-    config = LlamaConfig(
-        vocab_size=100, hidden_size=32, intermediate_size=64, num_hidden_layers=2, num_attention_heads=4
+    model = get_peft_model(
+        AutoModelForCausalLM.from_config(tiny_llama_config()).to(torch.bfloat16), VariatorConfig(ratio=4)
     )
-    model = get_peft_model(AutoModelForCausalLM.from_config(config).to(torch.bfloat16), VariatorConfig(ratio=4))
     plugins = [p for n, p in model.named_parameters() if "variator_" in n]
     assert {p.dtype for p in plugins} == {torch.float32}
     logits = model(input_ids=torch.randint(0, 100, (2, 10))).logits
@@ -319,14 +324,9 @@ def test_without_autocast_every_plugin_follows_the_model_dtype(architecture):
     Every plugin tensor follows it: where the tuner layer wraps a whole FFN block (Llama's `mlp`), either half of a
     split one (BERT), and for an adapter added later. Finding the FFN's dtype is the same step as finding its device,
     which decides where an added adapter lands on a GPU."""
-    from transformers import AutoModel, LlamaConfig
+    from transformers import AutoModel
 
-    if architecture == "llama":
-        config = LlamaConfig(
-            vocab_size=100, hidden_size=32, intermediate_size=64, num_hidden_layers=2, num_attention_heads=4
-        )
-    else:
-        config = tiny_bert_config()
+    config = tiny_llama_config() if architecture == "llama" else tiny_bert_config()
     base = AutoModel.from_config(config).to(torch.bfloat16)
     model = get_peft_model(base, VariatorConfig(ratio=4), autocast_adapter_dtype=False)
     model.add_adapter("ratio8", VariatorConfig(ratio=8), autocast_adapter_dtype=False)
