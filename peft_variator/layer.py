@@ -169,7 +169,12 @@ class VariatorFFN(VariatorLayer):
 
 class SplitFFNState(threading.local):
     """What the input half of a split FFN hands to its output half within one forward pass (per thread, so one
-    model can run forwards from several threads)."""
+    model can run forwards from several threads).
+
+    `put` and `take` run outside `torch.compile`'s tracing: dynamo defers writes to thread-local attributes and
+    loses them across a graph break, and planning the groups breaks the graph (it reads the mask's values), so the
+    output half would find no layout and return the FFN's compressed output.
+    """
 
     def __init__(self) -> None:
         self.layout: GroupLayout | None = None
@@ -179,9 +184,11 @@ class SplitFFNState(threading.local):
         # Thread-local storage cannot be copied; a copied model's two halves get one fresh, shared hand-over.
         return type(self)()
 
+    @torch.compiler.disable
     def put(self, layout: GroupLayout | None, tokens: torch.Tensor | None) -> None:
         self.layout, self.tokens = layout, tokens
 
+    @torch.compiler.disable
     def take(self) -> tuple[GroupLayout | None, torch.Tensor | None]:
         # Dropped after use so no activations are kept alive between forward passes.
         layout, tokens = self.layout, self.tokens

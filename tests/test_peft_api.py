@@ -357,6 +357,35 @@ def test_forwards_from_several_threads_keep_their_own_padding():
                 torch.testing.assert_close(result, reference)
 
 
+@pytest.mark.parametrize("architecture", ["bert", "llama"])
+def test_torch_compile_runs_every_batch_and_adapter_as_eager_does(architecture):
+    """Grouping a padded batch breaks dynamo's graph (the number of groups depends on the mask's values), so a
+    compiled model must carry across graph breaks what eager mode keeps per thread: each call's own mask and, in
+    BERT's split FFN, the layout the input half hands to the output half. The first compiled call comes before any
+    eager one, so no layout is left over from eager mode."""
+    from transformers import AutoModel
+
+    config = tiny_llama_config() if architecture == "llama" else tiny_bert_config()
+    model = get_peft_model(AutoModel.from_config(config).eval(), VariatorConfig(ratio=4))
+    model.add_adapter("ratio2", VariatorConfig(ratio=2))
+    randomize_plugins(model)
+    unpadded, right_padded, left_padded = inputs(batch=3, seq_len=12), inputs(batch=3, seq_len=12), inputs(3, 9)
+    unpadded["attention_mask"][:] = 1
+    left_padded["attention_mask"][:] = 1
+    left_padded["attention_mask"][1, :4] = 0
+    torch._dynamo.reset()
+    # backend="eager": dynamo's tracing and graph breaks, without inductor's minutes of code generation.
+    compiled = torch.compile(model, backend="eager")
+    with torch._dynamo.config.patch(recompile_limit=64), torch.no_grad():
+        for adapter in ("default", "ratio2"):
+            model.set_adapter(adapter)
+            for batch in (unpadded, right_padded, left_padded):
+                output = compiled(**batch).last_hidden_state
+                torch.testing.assert_close(output, hidden(model, batch), rtol=0, atol=0)
+        with model.disable_adapter():
+            torch.testing.assert_close(compiled(**right_padded).last_hidden_state, hidden(model, right_padded))
+
+
 def test_a_deep_copy_runs_like_the_original():
     import copy
 
