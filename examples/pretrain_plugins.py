@@ -54,6 +54,14 @@ def parse_args() -> argparse.Namespace:
     )
     parser.add_argument("--ratios", type=int, nargs="+", default=[2, 4, 8], help="One plugin per ratio.")
     parser.add_argument("--adapter-dim", type=int, default=64, help="Bottleneck width of the decompression adapter.")
+    parser.add_argument(
+        "--layers",
+        type=int,
+        nargs="+",
+        default=None,
+        help="Compress only these layers (`layers_to_transform`; default: every layer). Decoder LLMs keep far more of "
+        "their next token with the first layer left out: --layers 1 2 ... 29 for SmolLM2-135M's 30 layers.",
+    )
     parser.add_argument("--dataset", default=None, help="A `datasets` name. Default: the bundled tweets, offline.")
     parser.add_argument("--dataset-config", default=None, help="Configuration name of --dataset, if it has several.")
     parser.add_argument("--split", default="train", help="Split of --dataset to train on.")
@@ -118,9 +126,13 @@ def main() -> None:
     if model.config.pad_token_id is None:
         model.config.pad_token_id = tokenizer.pad_token_id
     names = [f"ratio{ratio}" for ratio in args.ratios]
-    model = get_peft_model(model, VariatorConfig(ratio=args.ratios[0], adapter_dim=args.adapter_dim), names[0])
+
+    def config(ratio: int) -> VariatorConfig:
+        return VariatorConfig(ratio=ratio, adapter_dim=args.adapter_dim, layers_to_transform=args.layers)
+
+    model = get_peft_model(model, config(args.ratios[0]), names[0])
     for name, ratio in zip(names[1:], args.ratios[1:], strict=True):
-        model.add_adapter(name, VariatorConfig(ratio=ratio, adapter_dim=args.adapter_dim))
+        model.add_adapter(name, config(ratio))
 
     trainer = VariatorTrainer(
         model=model,

@@ -33,12 +33,13 @@ def plugin_weights(directory) -> dict[str, torch.Tensor]:
 
 def test_pretrained_plugins_are_adapted_to_a_fine_tuned_model(tmp_path):
     pretrained = tmp_path / "pretrained"
-    run_example(
-        "pretrain_plugins.py", "--ratios", "4", "8", "--max-examples", "16", *TINY, "--output-dir", str(pretrained)
-    )
+    layers = ["1", "2", "3", "4", "5"]  # all-MiniLM-L6-v2's first layer left out, as advised for decoder LLMs
+    stage1 = ["--ratios", "4", "8", "--layers", *layers, "--max-examples", "16", *TINY]
+    run_example("pretrain_plugins.py", *stage1, "--output-dir", str(pretrained))
     for ratio in (4, 8):
         weights = plugin_weights(pretrained / f"ratio{ratio}")
         assert weights and all("variator_" in name for name in weights)
+        assert {re.search(r"\.layer\.(\d+)\.", name).group(1) for name in weights} == set(layers)
         # Zero-initialised up-projections are nonzero only after training.
         assert all(w.abs().sum() > 0 for name, w in weights.items() if name.endswith("up.weight"))
 
