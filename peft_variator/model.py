@@ -119,9 +119,9 @@ class VariatorModel(BaseTuner):
     @staticmethod
     def _check_target_module_exists(peft_config: VariatorConfig, key: str):
         found = check_target_module_exists(peft_config, key)
-        # PEFT applies `layers_to_transform` to lists of names only; Variator's defaults are regexes, so apply it
-        # here too instead of silently ignoring it.
-        if found and isinstance(peft_config.target_modules, str) and peft_config.layers_to_transform is not None:
+        # PEFT applies `layers_to_transform` only to names matched by suffix: neither to a regex (Variator's defaults
+        # by model type) nor to an exact full name (the FFNs Variator finds by structure). Applied here to all.
+        if found and peft_config.layers_to_transform is not None:
             found = layer_index(key, peft_config.layers_pattern) in _as_list(peft_config.layers_to_transform)
         return found
 

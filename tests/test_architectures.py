@@ -30,7 +30,7 @@ from transformers import (
 )
 
 from peft_variator import VariatorConfig
-from peft_variator.architectures import FFN_LOCATIONS, find_ffns
+from peft_variator.architectures import FFN_LOCATIONS, find_ffns, layer_index
 from peft_variator.layer import VariatorFFN, VariatorFFNInput, VariatorFFNOutput, VariatorLayer
 
 H, FFN_DIM, LAYERS = 32, 64, 2
@@ -242,6 +242,22 @@ def test_unknown_architecture_ffns_are_found_by_structure_and_logged(caplog):
         with model.disable_adapter():
             torch.testing.assert_close(model(input_ids=prompt).logits, reference)
     assert compressed.shape == reference.shape and not torch.allclose(compressed, reference)
+
+
+@pytest.mark.parametrize("model_type", ["bert", "gpt_neox", "opt"])
+def test_layers_to_transform_selects_layers_whether_ffns_come_from_the_table_or_by_structure(model_type):
+    """BERT's FFNs come from the `model_type` table (regex targets), GPT-NeoX's whole FFN block and OPT's two
+    linears are found by structure (full module names); PEFT itself would apply `layers_to_transform` to none of
+    them."""
+    configs = {
+        "bert": BertConfig(vocab_size=100, hidden_size=H, intermediate_size=FFN_DIM, num_attention_heads=4),
+        "gpt_neox": GPTNeoXConfig(vocab_size=100, hidden_size=H, intermediate_size=FFN_DIM, num_attention_heads=4),
+        "opt": OPTConfig(vocab_size=100, hidden_size=H, ffn_dim=FFN_DIM, num_attention_heads=4),
+    }
+    config = configs[model_type]
+    config.num_hidden_layers = 3
+    model = variator(AutoModel.from_config(config), ratio=2, layers_to_transform=[0, 2])
+    assert {layer_index(name, None) for name in wrapped(model)} == {0, 2}
 
 
 def test_ffns_split_over_two_linears_are_found_as_pairs():
