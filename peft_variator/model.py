@@ -179,10 +179,17 @@ class VariatorModel(BaseTuner):
             raise ValueError(_MERGE_ERROR)
         for name, module in list(self.model.named_modules()):
             if isinstance(module, VariatorLayer):
-                parent_name, _, child_name = name.rpartition(".")
-                parent = self.model.get_submodule(parent_name) if parent_name else self.model
-                # Not `_replace_module`: it copies `.weight`, which a whole FFN block does not have.
-                setattr(parent, child_name, module.get_base_layer())
+                unloaded = module.get_base_layer()
+            elif hasattr(module, "unload_and_optionally_merge_module"):
+                # PEFT's `ModulesToSaveWrapper` (a classification head): the active adapter's trained copy stays, as
+                # in PEFT's own `unload()`, so the returned model saves and reloads as a plain transformers model.
+                unloaded = module.unload_and_optionally_merge_module(merge=False, safe_merge=False, adapter_names=None)
+            else:
+                continue
+            parent_name, _, child_name = name.rpartition(".")
+            parent = self.model.get_submodule(parent_name) if parent_name else self.model
+            # Not `_replace_module`: it copies `.weight`, which a whole FFN block does not have.
+            setattr(parent, child_name, unloaded)
         detach_padding_context(self.model)
         _remove_variator_tags(self.model)
         if hasattr(self.model, "peft_config"):

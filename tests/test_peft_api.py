@@ -218,6 +218,24 @@ def test_unload_returns_the_untouched_base_model():
     assert torch.equal(hidden(restored, batch), reference)
 
 
+def test_unload_keeps_the_trained_classification_head_as_a_plain_module(tmp_path):
+    base = AutoModelForSequenceClassification.from_config(tiny_bert_config())
+    model = get_peft_model(base, VariatorConfig(ratio=4, task_type="SEQ_CLS"))
+    trained_head = model.base_model.model.classifier.modules_to_save["default"]
+    with torch.no_grad():
+        trained_head.weight.normal_()
+    restored = model.unload().eval()
+    assert type(restored.classifier) is torch.nn.Linear
+    assert torch.equal(restored.classifier.weight, trained_head.weight)
+    batch = inputs()
+    with torch.no_grad():
+        expected = restored(**batch).logits
+    restored.save_pretrained(tmp_path)
+    reloaded = AutoModelForSequenceClassification.from_pretrained(tmp_path).eval()
+    with torch.no_grad():
+        torch.testing.assert_close(reloaded(**batch).logits, expected)
+
+
 def test_merge_and_unload_explains_why_not_and_points_to_unload():
     model = get_peft_model(tiny_bert(), VariatorConfig(ratio=4))
     with pytest.raises(ValueError, match="unload()"):
