@@ -118,7 +118,7 @@ class VariatorConfig(PeftConfig):
 
 def _positive_int(name: str, value: object, minimum: int) -> int:
     # Accept 4.0 (e.g. from a JSON or CLI round-trip) but never 2.5: a ratio is a group size.
-    if isinstance(value, bool) or not isinstance(value, (int, float)) or int(value) != value:
+    if isinstance(value, bool) or not isinstance(value, (int, float)) or not float(value).is_integer():
         raise ValueError(f"`{name}` must be an integer >= {minimum}, got {value!r}.")
     if value < minimum:
         raise ValueError(f"`{name}` must be an integer >= {minimum}, got {value!r}.")
