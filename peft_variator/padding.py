@@ -34,6 +34,7 @@ class _Recorded:
 
     def __init__(self, mask: torch.Tensor | None = None, batch_size: int | None = None) -> None:
         self.mask = mask
+        self.mask_version = _version_of(mask)
         self.batch_size = mask.shape[0] if mask is not None else batch_size
         self.layouts: dict[tuple[int, int, int, bool, torch.device], GroupLayout] = {}
 
@@ -68,7 +69,10 @@ class PaddingContext:
         # Nested entry points (a PeftModel, then its base model) record the same call twice; keep the first record
         # and the layouts already planned from it unless the second knows the batch size the first did not.
         if current is not None and current.mask is attention_mask:
-            if attention_mask is not None or batch_size is None or batch_size == current.batch_size:
+            version = _version_of(attention_mask)
+            if attention_mask is not None and version is not None and version == current.mask_version:
+                return
+            if attention_mask is None and (batch_size is None or batch_size == current.batch_size):
                 return
         self._local.recorded = self._latest = _Recorded(attention_mask, batch_size)
 
@@ -117,6 +121,15 @@ class PaddingContext:
             )
         # With a KV cache the mask also covers earlier tokens; the hidden states are the newest ones.
         return mask[:, mask.shape[1] - seq_len :]
+
+
+def _version_of(mask: torch.Tensor | None) -> int | None:
+    """The mask's version counter, which every in-place write bumps, so a caller that refills one mask buffer between
+    calls is not taken for a nested entry point of the same call. None where unknown: inference-mode tensors keep
+    no counter."""
+    if mask is None or mask.is_inference():
+        return None
+    return mask._version
 
 
 def padding_context(model: nn.Module) -> PaddingContext:

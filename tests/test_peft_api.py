@@ -404,6 +404,17 @@ def test_torch_compile_runs_every_batch_and_adapter_as_eager_does(architecture):
             torch.testing.assert_close(compiled(**right_padded).last_hidden_state, hidden(model, right_padded))
 
 
+def test_a_mask_buffer_refilled_in_place_between_calls_is_read_anew():
+    model = get_peft_model(tiny_bert(), VariatorConfig(ratio=4))
+    randomize_plugins(model)
+    batch = inputs(batch=2, seq_len=12)
+    batch["attention_mask"][:] = 1
+    hidden(model, batch)
+    batch["attention_mask"][1, 5:] = 0  # the same tensor, now padded
+    fresh = {**batch, "attention_mask": batch["attention_mask"].clone()}
+    torch.testing.assert_close(hidden(model, batch), hidden(model, fresh), rtol=0, atol=0)
+
+
 def test_a_deep_copy_runs_like_the_original():
     import copy
 
