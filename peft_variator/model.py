@@ -74,6 +74,14 @@ class VariatorModel(BaseTuner):
         return peft_config
 
     def _prepare_model(self, peft_config: VariatorConfig, model: nn.Module) -> None:
+        chunk_size = self.get_model_config(model).get("chunk_size_feed_forward") or 0
+        if chunk_size > 0:
+            # The FFN would run on slices of the sequence, which the layers cannot place within the attention mask.
+            raise ValueError(
+                f"The model config has `chunk_size_feed_forward={chunk_size}`, which runs the FFN on chunks of the "
+                "sequence; Variator groups tokens over the whole sequence and needs it to be 0. Set "
+                "`model.config.chunk_size_feed_forward = 0` first (the base model's outputs do not change)."
+            )
         if peft_config.exact_last_token is None:
             peft_config.exact_last_token = peft_config.task_type == "CAUSAL_LM" or _is_causal_lm(model)
         if peft_config.target_modules is None:

@@ -260,6 +260,13 @@ def test_layers_to_transform_selects_layers_whether_ffns_come_from_the_table_or_
     assert {layer_index(name, None) for name in wrapped(model)} == {0, 2}
 
 
+def test_a_model_that_runs_its_ffn_in_sequence_chunks_is_refused_with_the_setting_to_change():
+    config = BertConfig(vocab_size=100, hidden_size=H, intermediate_size=FFN_DIM, num_attention_heads=4)
+    config.chunk_size_feed_forward = 4
+    with pytest.raises(ValueError, match="chunk_size_feed_forward"):
+        get_peft_model(AutoModel.from_config(config), VariatorConfig(ratio=2))
+
+
 def test_ffns_split_over_two_linears_are_found_as_pairs():
     # OPT keeps fc1 (hidden -> I) and fc2 (I -> hidden) directly in each decoder layer, next to attention.
     config = OPTConfig(vocab_size=100, hidden_size=H, ffn_dim=FFN_DIM, num_hidden_layers=LAYERS, num_attention_heads=4)
