@@ -300,6 +300,31 @@ def test_push_to_hub_uploads_the_adapter_and_a_card_naming_method_ratio_and_base
     assert "| `ratio8` | 8 |" in card and "| `default` | 4 |" in card
 
 
+@pytest.mark.parametrize("selected_adapters", [None, ["ratio8"]])
+def test_the_saved_card_lists_the_adapters_saved_and_its_code_loads_them(tmp_path, selected_adapters):
+    import copy
+
+    base = tiny_bert()
+    pristine = copy.deepcopy(base)
+    model = get_peft_model(base, VariatorConfig(ratio=4))
+    model.add_adapter("ratio8", VariatorConfig(ratio=8))
+    randomize_plugins(model)
+    model.save_pretrained(tmp_path, selected_adapters=selected_adapters)
+    saved = selected_adapters or ["default", "ratio8"]
+
+    card = (tmp_path / "README.md").read_text()
+    for name, ratio in (("default", 4), ("ratio8", 8)):
+        assert (f"| `{name}` | {ratio} |" in card) == (name in saved)
+    code = card[card.index("```python") + len("```python") : card.rindex("```")]
+    namespace = {"base_model": pristine, "repo_id": str(tmp_path)}
+    exec(code, namespace)  # the card's own loading code, as a user copies it
+    loaded = namespace["model"].eval()
+    assert sorted(loaded.peft_config) == sorted(saved)
+    model.set_adapter(loaded.active_adapter)
+    batch = inputs()
+    torch.testing.assert_close(hidden(loaded, batch), hidden(model.eval(), batch))
+
+
 def plugin_grads(model, batch) -> dict[str, torch.Tensor]:
     model.zero_grad()
     model(**batch).last_hidden_state.pow(2).mean().backward()
