@@ -504,12 +504,16 @@ def _sub_batches(batch: Mapping[str, Any], fractions: list[float]) -> list[dict[
         raise ValueError("`calibrate` needs a batch with a 2-D `input_ids` tensor (batch, seq_len).")
     rows, columns = input_ids.shape
     shapes = sorted({(max(1, round(rows * f)), max(1, round(columns * g))) for f in fractions for g in fractions})
+    mask = batch.get("attention_mask")
+    # Shorter sequences are cut from the side the padding is not on, so they keep real tokens.
+    left_padded = isinstance(mask, torch.Tensor) and not bool(mask[:, 0].all()) and bool(mask[:, -1].all())
     sub_batches = []
     for num_rows, num_columns in shapes:
+        kept_columns = slice(columns - num_columns, None) if left_padded else slice(None, num_columns)
         sub_batch = {}
         for key, value in batch.items():
             if isinstance(value, torch.Tensor) and value.dim() == 2 and value.shape == (rows, columns):
-                value = value[:num_rows, :num_columns]
+                value = value[:num_rows, kept_columns]
             elif isinstance(value, torch.Tensor) and value.dim() >= 1 and value.shape[0] == rows:
                 value = value[:num_rows]
             sub_batch[key] = value
@@ -518,6 +522,11 @@ def _sub_batches(batch: Mapping[str, Any], fractions: list[float]) -> list[dict[
             # A truncation that leaves a row all padding is not a batch a server ever sees.
             continue
         sub_batches.append(sub_batch)
+    if not sub_batches:
+        raise ValueError(
+            "`calibrate` cut `batch` into smaller batches by `fractions`, and each left some row with no real token "
+            "(`attention_mask` all 0). Calibrate on a batch of similar lengths, or with larger `fractions`."
+        )
     return sub_batches
 
 

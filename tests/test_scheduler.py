@@ -286,6 +286,27 @@ def test_calibrate_fits_each_adapters_cost_and_costs_fall_with_compression(tiny_
     assert scheduler.choose(30) is None and scheduler.choose(120) == "ratio8"
 
 
+def test_calibrate_cuts_a_left_padded_batch_from_the_end_its_tokens_are_at(tiny_model):
+    clock = FakeClock()
+    charge_costs(tiny_model, clock, COSTS)
+    scheduler = RatioScheduler(tiny_model, ADAPTERS, latency_budget_ms=50.0, clock=clock)
+    batch = batch_of(8, 32)
+    batch["attention_mask"][:, :20] = 0  # a decoder's prompts: padding on the left, 12 real tokens each
+    fitted = scheduler.calibrate(batch, fractions=(0.25, 0.5), repeats=1)
+    for adapter, (intercept, per_token) in COSTS.items():
+        assert fitted[adapter].intercept_ms == pytest.approx(intercept)
+        assert fitted[adapter].per_token_ms == pytest.approx(per_token)
+
+
+def test_calibrate_says_which_arguments_left_it_nothing_to_time(tiny_model):
+    scheduler = RatioScheduler(tiny_model, ADAPTERS, latency_budget_ms=50.0)
+    batch = batch_of(2, 32)
+    batch["attention_mask"][0, :28] = 0  # padded on the left, the next row on the right: cut from the start, the
+    batch["attention_mask"][1, 4:] = 0  # first row keeps no token in any sub-batch `fractions` asks for
+    with pytest.raises(ValueError, match="`fractions`"):
+        scheduler.calibrate(batch, fractions=(0.25, 0.5), repeats=1)
+
+
 def test_calibrate_leaves_the_model_as_it_was(tiny_model):
     tiny_model.set_adapter("ratio4")
     batch = batch_of(2, 16)
