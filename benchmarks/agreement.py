@@ -56,6 +56,13 @@ def parse_args() -> argparse.Namespace:
     parser.add_argument("--batch-size", type=int, default=8)
     parser.add_argument("--lr", type=float, default=1e-3)
     parser.add_argument("--threads", type=int, default=2)
+    parser.add_argument("--device", default="cpu", help="Where to train and evaluate, e.g. `cuda` (default: cpu).")
+    parser.add_argument(
+        "--max-steps",
+        type=int,
+        default=-1,
+        help="Train this many steps, cycling through the texts (default: one pass).",
+    )
     parser.add_argument(
         "--layers", type=int, nargs="+", default=None, help="Compress only these layers (default: every layer)."
     )
@@ -100,7 +107,8 @@ def next_token_logits(model, dataset, collator, batch_size: int = 32) -> torch.T
     model.eval()
     logits = []
     for batch in DataLoader(dataset, batch_size=batch_size, collate_fn=collator):
-        logits.append(model(**batch).logits[:, -1].float())
+        batch = {key: value.to(model.device) for key, value in batch.items()}
+        logits.append(model(**batch).logits[:, -1].float().cpu())
     return torch.cat(logits)
 
 
@@ -136,6 +144,7 @@ def main() -> None:
     torch.set_num_threads(args.threads)
     torch.manual_seed(0)
     tokenizer, base = load_smollm2()
+    base = base.to(args.device)
     collator = DataCollatorWithPadding(tokenizer)
 
     tweets = tokenize(load_tweets(), tokenizer, max_length=args.max_length).remove_columns("label")
@@ -199,11 +208,12 @@ def main() -> None:
                 output_dir,
                 per_device_train_batch_size=args.batch_size,
                 num_train_epochs=1,
+                max_steps=args.max_steps,
                 learning_rate=args.lr,
                 save_strategy="no",
                 logging_steps=25,
                 report_to=[],
-                use_cpu=True,
+                use_cpu=args.device == "cpu",
                 disable_tqdm=True,
                 seed=0,
             ),
