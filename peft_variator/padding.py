@@ -66,13 +66,14 @@ class PaddingContext:
                 f"got a {attention_mask.dim()}-D tensor of shape {tuple(attention_mask.shape)}."
             )
         current = getattr(self._local, "recorded", None)
-        # Nested entry points (a PeftModel, then its base model) record the same call twice; keep the first record
-        # and the layouts already planned from it unless the second knows the batch size the first did not.
+        # Nested entry points (a PeftModel, then its base model) record the same call twice: the same mask, not
+        # written to since (its version counter), or no mask at all. Keep the first record and the layouts already
+        # planned from it, unless the second knows the batch size the first did not.
         if current is not None and current.mask is attention_mask:
-            version = _version_of(attention_mask)
-            if attention_mask is not None and version is not None and version == current.mask_version:
-                return
-            if attention_mask is None and (batch_size is None or batch_size == current.batch_size):
+            if attention_mask is None:
+                if batch_size is None or batch_size == current.batch_size:
+                    return
+            elif current.mask_version is not None and _version_of(attention_mask) == current.mask_version:
                 return
         self._local.recorded = self._latest = _Recorded(attention_mask, batch_size)
 
