@@ -252,7 +252,9 @@ class RatioScheduler:
 
         The sample is cut into `len(fractions)**2` smaller batches: the first `f` of its rows times the first `g` of
         its columns, for every pair of fractions, so the fit sees a range of token counts in both shapes. Each is
-        timed `repeats` times after one warm-up run, and the median is kept, which ignores a stray slow run.
+        timed `repeats` times after one warm-up run, and the median is kept, which ignores a stray slow run. The model
+        keeps the adapter that was active; serving (`run`, `__call__`) then switches per batch and leaves the last
+        choice active.
         """
         fractions = sorted(set(fractions))
         if not fractions or not all(isinstance(f, (int, float)) and 0.0 < f <= 1.0 for f in fractions):
@@ -262,6 +264,7 @@ class RatioScheduler:
         sub_batches = _sub_batches(batch, fractions)
         fitted = {}
         with self._lock:
+            active = self.model.active_adapter
             for adapter in self.adapters:
                 tokens, latencies = [], []
                 for sub_batch in sub_batches:
@@ -274,6 +277,8 @@ class RatioScheduler:
                     tokens.append(count_tokens(sub_batch))
                     latencies.append(sorted(runs)[len(runs) // 2])
                 fitted[adapter] = LatencyModel.fit(tokens, latencies, smoothing=self.smoothing)
+            # A set-up step: the model comes back with the adapter it had (serving switches per batch anyway).
+            self.model.set_adapter(active)
             self.cost_models.update(fitted)
         return fitted
 

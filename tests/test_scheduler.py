@@ -313,6 +313,7 @@ def test_calibrate_leaves_the_model_as_it_was(tiny_model):
     before = reference_output(tiny_model, "ratio4", batch)
     scheduler = RatioScheduler(tiny_model, ADAPTERS, latency_budget_ms=50.0)
     scheduler.calibrate(batch_of(4, 16), fractions=(0.5, 1.0), repeats=1)
+    assert tiny_model.active_adapter == "ratio4"
     assert not tiny_model.base_model.model.training
     assert torch.equal(reference_output(tiny_model, "ratio4", batch), before)
 
