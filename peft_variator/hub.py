@@ -36,7 +36,8 @@ def saved_adapters(model: PeftModel, directory: str) -> list[str]:
 def card_for(model: PeftModel, adapter_names: list[str], card: ModelCard | None = None) -> ModelCard:
     """`card` (or a new one) completed with the Variator method, the ratio of each adapter in `adapter_names` (as
     `saved_adapters` lists them), the base model and how to load them."""
-    adapters = {name: variator_adapters(model)[name] for name in adapter_names}
+    loaded = variator_adapters(model)
+    adapters = {name: loaded[name] for name in adapter_names}
     card = card or ModelCard.from_template(ModelCardData())
     card.data.library_name = "peft"
     base_model = next(iter(adapters.values())).base_model_name_or_path

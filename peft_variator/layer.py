@@ -60,13 +60,12 @@ class VariatorLayer(nn.Module, BaseTunerLayer):
         device, dtype = super()._get_base_layer_device_and_dtype(base_layer)
         if device is not None:
             return device, dtype
-        parameters = list(base_layer.parameters())
-        if not parameters:
-            return None, None
-        floating = next((p for p in parameters if p.is_floating_point()), None)
-        if floating is None:  # a quantized FFN (integer weights, no float bias): a device, but no dtype to follow
-            return parameters[0].device, None
-        return floating.device, floating.dtype
+        floating = next((p for p in base_layer.parameters() if p.is_floating_point()), None)
+        if floating is not None:
+            return floating.device, floating.dtype
+        # A quantized FFN (integer weights, no float bias): a device, but no dtype to follow.
+        first = next(base_layer.parameters(), None)
+        return (first.device if first is not None else None), None
 
     def active_plugin(self) -> str | None:
         """Name of the adapter whose plugin runs, or None when the layer runs as the base model."""
