@@ -91,7 +91,7 @@ def fine_tune_offline_minilm(args: argparse.Namespace, train, collator) -> str:
         os.path.join(list(spec.submodule_search_locations)[0], "model"), num_labels=len(LABELS)
     )
     output_dir = os.path.join(args.output_dir, "finetuned-model")
-    Trainer(
+    trainer = Trainer(
         model=model,
         args=TrainingArguments(
             output_dir,
@@ -99,11 +99,17 @@ def fine_tune_offline_minilm(args: argparse.Namespace, train, collator) -> str:
             learning_rate=1e-4,
             save_strategy="no",
             report_to=[],
+            # Without GPUs, the processes of `torchrun` / `accelerate launch --multi_gpu` form one DDP group over gloo
+            # only with `use_cpu`: otherwise each trains alone (world size 1).
+            use_cpu=torch.accelerator.current_accelerator() is None,
         ),
         train_dataset=train.select(range(min(args.finetune_examples, train.num_rows))),
         data_collator=collator,
-    ).train()
-    model.save_pretrained(output_dir)
+    )
+    trainer.train()
+    # The first process writes the model; every process loads it next, so none may read it before it is written.
+    trainer.save_model(output_dir)
+    trainer.accelerator.wait_for_everyone()
     return output_dir
 
 
@@ -157,6 +163,7 @@ def main() -> None:
             logging_steps=10,
             save_strategy="no",
             report_to=[],
+            use_cpu=torch.accelerator.current_accelerator() is None,  # as above
         ),
         task_weight=args.task_weight,
         distill_weight=args.distill_weight,

@@ -20,6 +20,7 @@ import argparse
 import importlib.util
 import os
 
+import torch
 from datasets import load_dataset
 from peft import get_peft_model
 from transformers import (
@@ -145,6 +146,9 @@ def main() -> None:
             save_strategy="no",
             report_to=[],
             bf16=args.bf16,
+            # Without GPUs, the processes of `torchrun` / `accelerate launch --multi_gpu` form one DDP group over gloo
+            # only with `use_cpu`: otherwise each trains alone (world size 1), and `--bf16` is refused.
+            use_cpu=torch.accelerator.current_accelerator() is None,
         ),
         # Unlabelled text: distillation is the whole loss.
         task_weight=0.0,

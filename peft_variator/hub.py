@@ -107,11 +107,11 @@ def install_model_card_hooks() -> None:
         # After the adapters are written, so the card lists those saved (`selected_adapters`). PEFT writes a card on
         # the main process only; other processes have none to complete.
         if os.path.isfile(os.path.join(save_directory, "README.md")):
-            _complete_card(self, save_directory)
+            complete_card(self, save_directory)
 
     @functools.wraps(original_upload)
     def _upload_modified_files(self: PeftModel, working_dir: str, *args, **kwargs):
-        _complete_card(self, working_dir)
+        complete_card(self, working_dir)
         return original_upload(self, working_dir, *args, **kwargs)
 
     save_pretrained._variator_card = True
@@ -119,7 +119,8 @@ def install_model_card_hooks() -> None:
     PeftModel._upload_modified_files = _upload_modified_files
 
 
-def _complete_card(model: PeftModel, directory: str) -> None:
+def complete_card(model: PeftModel, directory: str) -> None:
+    """Complete (or write) `directory`'s README.md with `card_for`'s section for the adapters saved there."""
     names = saved_adapters(model, directory)
     if not names:
         return

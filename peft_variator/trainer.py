@@ -26,6 +26,7 @@ from transformers.trainer_pt_utils import nested_detach
 
 from .architectures import layer_index
 from .config import VariatorConfig
+from .hub import complete_card, saved_adapters
 from .layer import VariatorLayer
 from .padding import padding_context
 from .registration import PREFIX
@@ -121,11 +122,13 @@ class VariatorTrainer(Trainer):
         self.logits_weight = float(logits_weight)
         self.logits_temperature = float(logits_temperature)
         self._is_causal_lm = _is_causal_lm(model)
+        self._is_encoder_decoder = bool(getattr(model.get_base_model().config, "is_encoder_decoder", False))
         self.decode_tokens = _decode_tokens(model, self.trained_adapters, self._is_causal_lm, decode_tokens)
         self._compressed_layers = {name: _compressed_layers(model, name) for name in self.trained_adapters}
         _set_trainable(model, self.trained_adapters)
         training_args = kwargs.get("args", args[1] if len(args) > 1 else None)
         if len(self.trained_adapters) > 1 and training_args is not None:
+            _refuse_checkpointing(bool(getattr(training_args, "activation_checkpointing", False)))
             # With several students per batch, DDP's search for unused parameters (the Trainer's default for PEFT
             # models) walks only the last student's graph and then marks the other students' parameters ready a
             # second time. Every trained adapter gets a gradient from the summed loss, so the search is not needed.
@@ -144,6 +147,24 @@ class VariatorTrainer(Trainer):
         # `set_adapter` freezes inactive adapters: make sure the optimizer sees every trained adapter.
         _set_trainable(self.accelerator.unwrap_model(self.model), self.trained_adapters)
         return super().create_optimizer(*args, **kwargs)
+
+    def _load_best_model(self) -> None:
+        # The Trainer looks for the best checkpoint's adapter at its root, where PEFT writes only one named
+        # `default`; every other adapter (`adapter_name="ratio4"`, several ratios) is in a subfolder and would be
+        # silently left at the last step's weights. Resuming reads subfolders, so the best checkpoint is loaded alike.
+        checkpoint = self.state.best_model_checkpoint
+        peft_model = self.accelerator.unwrap_model(self.model)
+        if any(name != "default" for name in saved_adapters(peft_model, checkpoint)):
+            self._load_from_checkpoint(checkpoint)
+            _set_trainable(peft_model, self.trained_adapters)
+        else:
+            super()._load_best_model()
+
+    def create_model_card(self, *args: Any, **kwargs: Any) -> None:
+        # `Trainer.push_to_hub` writes the Trainer's own card over the one `save_pretrained` completed.
+        super().create_model_card(*args, **kwargs)
+        if self.is_world_process_zero():
+            complete_card(self.accelerator.unwrap_model(self.model), self.args.output_dir)
 
     def training_step(self, model: nn.Module, *args: Any, **kwargs: Any) -> torch.Tensor:
         # Backward is inside: checkpointed layers recompute their forward there and must plan the same groups.
@@ -181,48 +202,84 @@ class VariatorTrainer(Trainer):
         num_items_in_batch: torch.Tensor | int | None = None,
     ) -> torch.Tensor | tuple[torch.Tensor, Any]:
         peft_model = self.accelerator.unwrap_model(model)
-        labels = inputs.get("labels")
-        use_task_loss = self.task_weight > 0 and labels is not None
+        self._check_checkpointing(peft_model)
+        labels = {name: inputs[name] for name in self.label_names if inputs.get(name) is not None}
+        use_task_loss = self.task_weight > 0 and bool(labels)
         if use_task_loss and self._is_causal_lm:
             raise ValueError(
                 "`task_weight` must be 0 when training Variator plugins of a causal language model on batches with "
                 "`labels`: the plugins compress the prompt, so a language-modelling loss through them would let each "
                 "position read the tokens it must predict. Train with distillation only (`task_weight=0`)."
             )
-        unlabelled = {key: value for key, value in inputs.items() if key != "labels"}
-        mask = inputs.get("attention_mask")
+        if not use_task_loss and self.distill_weight == self.logits_weight == 0:
+            raise ValueError(
+                f"This batch has no labels ({self.label_names or 'no `label_names`'}), and `task_weight` is the only "
+                "nonzero loss weight: there is nothing to train on. Give the batches labels (or set "
+                "`TrainingArguments(label_names=...)`), or set `distill_weight` / `logits_weight` > 0."
+            )
+        unlabelled = {key: value for key, value in inputs.items() if key not in labels}
+        unlabelled.update(_decoder_inputs(peft_model, inputs))
+        # With a label smoother or `compute_loss_func` the Trainer computes the task loss itself, from the logits of
+        # a call without labels; so does this trainer.
+        external_task_loss = self.label_smoother is not None or self.compute_loss_func is not None
+        student_inputs = inputs if use_task_loss and not external_task_loss else unlabelled
         active = peft_model.active_adapter
 
         # The unwrapped model skips DDP's gradient bookkeeping; accelerate's autocast is on it all the same.
         with peft_model.disable_adapter(), torch.no_grad():
-            teacher = peft_model(**unlabelled, output_hidden_states=True)
+            teacher = peft_model(**unlabelled, output_hidden_states=True, return_dict=True)
 
         loss = None
-        outputs = None
+        reported = None
         for adapter in self.trained_adapters:
             if adapter != peft_model.active_adapter:
                 peft_model.set_adapter(adapter)
             # `disable_adapter` and `set_adapter` both switch `requires_grad` off for adapters they consider
             # inactive; every trained adapter must keep it on for its gradients (and DDP's hooks) to run.
             _set_trainable(peft_model, self.trained_adapters)
-            outputs = model(**(inputs if use_task_loss else unlabelled), output_hidden_states=True)
-            adapter_loss = self._adapter_loss(adapter, outputs, teacher, mask, use_task_loss)
+            outputs = model(**student_inputs, output_hidden_states=True, return_dict=True)
+            task_loss = None
+            if use_task_loss:
+                task_loss = (
+                    self._external_task_loss(outputs, inputs, num_items_in_batch)
+                    if external_task_loss
+                    else (outputs["loss"])
+                )
+            adapter_loss = self._adapter_loss(adapter, outputs, teacher, inputs, task_loss)
             loss = adapter_loss if loss is None else loss + adapter_loss
+            # Predictions (`evaluate`, `predict`) are the active adapter's, or the first trained one's.
+            if reported is None or adapter == active:
+                reported = outputs
         if peft_model.active_adapter != active:
             peft_model.set_adapter(active)
             _set_trainable(peft_model, self.trained_adapters)
         if not return_outputs:
             return loss
         # Evaluation collects every output but the loss as predictions; the hidden states were only asked for here.
-        kept = {key: value for key, value in outputs.items() if key not in ("hidden_states", "encoder_hidden_states")}
-        return loss, type(outputs)(**kept)
+        kept = {key: value for key, value in reported.items() if key not in ("hidden_states", "encoder_hidden_states")}
+        return loss, type(reported)(**kept)
+
+    def _external_task_loss(
+        self, outputs: Any, inputs: dict[str, Any], num_items_in_batch: torch.Tensor | int | None
+    ) -> torch.Tensor:
+        labels = inputs["labels"]
+        if self.compute_loss_func is not None:
+            return self.compute_loss_func(outputs, labels, num_items_in_batch=num_items_in_batch)
+        return self.label_smoother(outputs, labels)
+
+    def _check_checkpointing(self, peft_model: PeftModel) -> None:
+        # Users also turn checkpointing on themselves (`model.gradient_checkpointing_enable()`), not only through
+        # `TrainingArguments`, so the model is asked at each step as well.
+        if len(self.trained_adapters) > 1 and peft_model.training and torch.is_grad_enabled():
+            _refuse_checkpointing(_is_checkpointing(peft_model.get_base_model()))
 
     def _adapter_loss(
-        self, adapter: str, student: Any, teacher: Any, mask: torch.Tensor | None, use_task_loss: bool
+        self, adapter: str, student: Any, teacher: Any, inputs: dict[str, Any], task_loss: torch.Tensor | None
     ) -> torch.Tensor:
         loss = torch.zeros((), device=_first_tensor(student).device)
-        if use_task_loss:
-            loss = loss + self.task_weight * student["loss"]
+        if task_loss is not None:
+            loss = loss + self.task_weight * task_loss
+        mask = inputs.get("attention_mask")
         if self.distill_weight > 0:
             pairs = list(zip(_hidden_states(student), _hidden_states(teacher), strict=True))
             if self.distill_layers == "last":
@@ -234,11 +291,45 @@ class VariatorTrainer(Trainer):
             mse = torch.stack([masked_mse(s, t, mask) for s, t in pairs]).mean()
             loss = loss + self.distill_weight * mse
         if self.logits_weight > 0:
-            if self.decode_tokens and mask is not None:
-                mask = last_real_tokens(mask, self.decode_tokens)
-            kl = logits_kl(student["logits"], teacher["logits"], mask, self.logits_temperature)
+            if student.get("logits") is None:
+                raise ValueError(
+                    f"`logits_weight` > 0 needs a model that returns `logits`; {type(student).__name__} has "
+                    f"{[key for key, value in student.items() if value is not None]}. Use a model with a head (e.g. "
+                    "`AutoModelForSequenceClassification`) or set `logits_weight=0`."
+                )
+            kl = logits_kl(student["logits"], teacher["logits"], self._logits_mask(inputs), self.logits_temperature)
             loss = loss + self.logits_weight * kl
         return loss
+
+    def _logits_mask(self, inputs: dict[str, Any]) -> torch.Tensor | None:
+        """Which logits the KL counts: `(B, N)`, or None for all of them."""
+        if self._is_encoder_decoder:
+            # The logits are the decoder's: its own mask, or the positions that have a label.
+            if inputs.get("decoder_attention_mask") is not None:
+                return inputs["decoder_attention_mask"]
+            labels = inputs.get("labels")
+            return None if labels is None else labels != -100
+        mask = inputs.get("attention_mask")
+        if self.decode_tokens and mask is not None:
+            return last_real_tokens(mask, self.decode_tokens)
+        return mask
+
+
+def _is_checkpointing(model: nn.Module) -> bool:
+    # transformers 5 renamed the flag (the old name warns); older releases have only the old one.
+    flag = getattr(model, "is_activation_checkpointing", None)
+    return bool(getattr(model, "is_gradient_checkpointing", False) if flag is None else flag)
+
+
+def _refuse_checkpointing(checkpointing: bool) -> None:
+    if checkpointing:
+        # Checkpointed layers rerun their forward inside the one backward of the summed loss, with whichever adapter
+        # is active by then rather than the one each student ran with: wrong gradients, or a CheckpointError.
+        raise ValueError(
+            "Gradient (activation) checkpointing cannot be combined with several `ratios_adapters`: the layers would "
+            "be recomputed during the backward pass with another adapter than the one that ran them. Train one "
+            "adapter per run with checkpointing on, or turn checkpointing off."
+        )
 
 
 def masked_mse(student: torch.Tensor, teacher: torch.Tensor, mask: torch.Tensor | None) -> torch.Tensor:
@@ -317,6 +408,21 @@ def _hidden_states(outputs: Any) -> tuple[torch.Tensor, ...]:
     return states
 
 
+def _decoder_inputs(model: PeftModel, inputs: dict[str, Any]) -> dict[str, torch.Tensor]:
+    """The decoder inputs an encoder-decoder builds from `labels` itself, for the calls made without them."""
+    base = model.get_base_model()
+    labels = inputs.get("labels")
+    if (
+        labels is None
+        or not getattr(base.config, "is_encoder_decoder", False)
+        or inputs.get("decoder_input_ids") is not None
+        or inputs.get("decoder_inputs_embeds") is not None
+        or not hasattr(base, "prepare_decoder_input_ids_from_labels")
+    ):
+        return {}
+    return {"decoder_input_ids": base.prepare_decoder_input_ids_from_labels(labels=labels)}
+
+
 def _first_tensor(outputs: Any) -> torch.Tensor:
     return next(value for value in outputs.values() if isinstance(value, torch.Tensor))
 
@@ -351,8 +457,19 @@ def _trained_adapters(model: Any, ratios_adapters: list[str] | None) -> list[str
 def _set_trainable(model: nn.Module, adapters: list[str]) -> None:
     """Plugin and `modules_to_save` weights of `adapters` require gradients; those of every other adapter do not."""
     for name, parameter in model.named_parameters():
-        if PREFIX in name or ".modules_to_save." in name:
-            parameter.requires_grad = any(f".{adapter}." in name for adapter in adapters)
+        adapter = _adapter_of(name)
+        if adapter is not None:
+            parameter.requires_grad = adapter in adapters
+
+
+def _adapter_of(parameter_name: str) -> str | None:
+    """The adapter a plugin or `modules_to_save` parameter belongs to: the name after its `ModuleDict`'s (one
+    adapter's name may be part of another's, e.g. `4` and `ratio4`)."""
+    parts = parameter_name.split(".")
+    for part, following in zip(parts, parts[1:], strict=False):
+        if part.startswith(PREFIX) or part == "modules_to_save":
+            return following
+    return None
 
 
 def _compressed_layers(model: PeftModel, adapter: str) -> list[int]:

@@ -7,6 +7,7 @@ import os
 
 import pytest
 import torch
+import torch.nn.functional as F
 from conftest import randomize_plugins
 from datasets import Dataset
 from peft import PeftModel, get_peft_model
@@ -15,10 +16,14 @@ from transformers import (
     AutoModelForSequenceClassification,
     AutoTokenizer,
     BertConfig,
+    BertForQuestionAnswering,
     BertForSequenceClassification,
+    BertModel,
     DataCollatorWithPadding,
     LlamaConfig,
     LlamaForCausalLM,
+    T5Config,
+    T5ForConditionalGeneration,
     Trainer,
     TrainingArguments,
 )
@@ -30,18 +35,20 @@ from peft_variator.trainer import VariatorTrainer, last_real_tokens, logits_kl, 
 VOCAB, PAD = 100, 0
 
 
-def tiny_bert(layers: int = 2) -> BertForSequenceClassification:
+def tiny_bert(
+    layers: int = 2, model_class: type = BertForSequenceClassification, num_labels: int = 3
+) -> torch.nn.Module:
     config = BertConfig(
         vocab_size=VOCAB,
         hidden_size=32,
         num_hidden_layers=layers,
         num_attention_heads=4,
         intermediate_size=64,
-        num_labels=3,
+        num_labels=num_labels,
         hidden_dropout_prob=0.0,
         attention_probs_dropout_prob=0.0,
     )
-    return BertForSequenceClassification(config)
+    return model_class(config)
 
 
 def tiny_llama() -> LlamaForCausalLM:
@@ -55,6 +62,22 @@ def tiny_llama() -> LlamaForCausalLM:
         pad_token_id=PAD,
     )
     return LlamaForCausalLM(config)
+
+
+def tiny_t5() -> T5ForConditionalGeneration:
+    config = T5Config(
+        vocab_size=VOCAB,
+        d_model=32,
+        d_kv=8,
+        d_ff=64,
+        num_layers=2,
+        num_decoder_layers=2,
+        num_heads=4,
+        dropout_rate=0.0,
+        decoder_start_token_id=PAD,
+        pad_token_id=PAD,
+    )
+    return T5ForConditionalGeneration(config)
 
 
 def token_dataset(rows: int = 32, labels: str = "class", seed: int = 0) -> Dataset:
@@ -114,6 +137,10 @@ def variator_bert(**config) -> PeftModel:
 def variator_llama(**config) -> PeftModel:
     config.setdefault("adapter_dim", 8)
     return get_peft_model(tiny_llama(), VariatorConfig(ratio=4, **config))
+
+
+def variator_t5() -> PeftModel:
+    return get_peft_model(tiny_t5(), VariatorConfig(ratio=4, adapter_dim=8, task_type="SEQ_2_SEQ_LM"))
 
 
 def snapshot(model: torch.nn.Module) -> dict[str, torch.Tensor]:
@@ -257,6 +284,175 @@ def test_bad_arguments_raise_naming_the_argument(tmp_path, kwargs, argument):
 def test_a_model_without_variator_plugins_is_refused(tmp_path):
     with pytest.raises(ValueError, match="get_peft_model"):
         VariatorTrainer(model=tiny_bert(), args=training_args(tmp_path))
+
+
+def test_task_loss_is_the_models_loss_for_the_trainers_label_names(tmp_path):
+    # Question answering has no `labels`: its loss comes from `start_positions` and `end_positions`.
+    model = get_peft_model(
+        tiny_bert(model_class=BertForQuestionAnswering, num_labels=2),
+        VariatorConfig(ratio=4, adapter_dim=8, modules_to_save=["qa_outputs"]),
+    )
+    randomize_plugins(model, std=0.2)
+    trainer = VariatorTrainer(
+        model=model, args=training_args(tmp_path), task_weight=1.0, distill_weight=0.0, data_collator=collate
+    )
+    assert trainer.label_names == ["start_positions", "end_positions"]
+    batch = collate([token_dataset(4, "none")[i] for i in range(4)])
+    batch["start_positions"] = torch.tensor([0, 1, 2, 3])
+    batch["end_positions"] = torch.tensor([2, 3, 4, 4])
+    with torch.no_grad():
+        expected = model(**batch).loss
+    assert expected > 0
+    assert distillation_loss(trainer, batch) == pytest.approx(expected.item(), rel=1e-5)
+
+
+def test_label_smoothing_factor_smooths_the_task_loss(tmp_path):
+    model = variator_bert()
+    randomize_plugins(model)
+    # A more confident head than the initial one, so that smoothing moves the loss well past the tolerance.
+    torch.nn.init.normal_(model.get_base_model().classifier.weight, std=1.0)
+    trainer = VariatorTrainer(
+        model=model,
+        args=training_args(tmp_path, label_smoothing_factor=0.5),
+        distill_weight=0.0,
+        data_collator=collate,
+    )
+    batch = collate([token_dataset(8)[i] for i in range(8)])
+    with torch.no_grad():
+        logits = model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"]).logits
+    smoothed = F.cross_entropy(logits, batch["labels"], label_smoothing=0.5).item()
+    assert abs(smoothed - F.cross_entropy(logits, batch["labels"]).item()) > 1e-3
+    assert distillation_loss(trainer, batch) == pytest.approx(smoothed, rel=1e-5)
+
+
+def test_compute_loss_func_gives_the_task_loss_and_distillation_is_added(tmp_path):
+    model = variator_bert()
+    randomize_plugins(model)
+    received_labels = []
+
+    def constant_loss(outputs, labels, num_items_in_batch=None):
+        received_labels.append(labels)
+        return torch.tensor(100.0)
+
+    trainer = VariatorTrainer(
+        model=model,
+        args=training_args(tmp_path),
+        task_weight=0.5,
+        distill_weight=3.0,
+        compute_loss_func=constant_loss,
+        data_collator=collate,
+    )
+    batch = collate([token_dataset(4)[i] for i in range(4)])
+    with torch.no_grad():
+        with model.disable_adapter():
+            teacher = model(**batch, output_hidden_states=True).hidden_states[-1]
+        student = model(**batch, output_hidden_states=True).hidden_states[-1]
+    expected = 0.5 * 100.0 + 3.0 * masked_mse(student, teacher, batch["attention_mask"]).item()
+    assert distillation_loss(trainer, batch) == pytest.approx(expected, rel=1e-5)
+    assert len(received_labels) == 1
+    assert torch.equal(received_labels[0], batch["labels"])
+
+
+def test_a_model_configured_with_return_dict_false_gets_the_same_loss(tmp_path):
+    model = variator_bert()
+    randomize_plugins(model)
+    trainer = VariatorTrainer(model=model, args=training_args(tmp_path), logits_weight=1.0, data_collator=collate)
+    batch = collate([token_dataset(4)[i] for i in range(4)])
+    expected = distillation_loss(trainer, batch)
+    model.get_base_model().config.return_dict = False
+    assert distillation_loss(trainer, batch) == pytest.approx(expected, rel=1e-6)
+
+
+def test_logits_weight_on_a_model_without_logits_raises_naming_logits_weight(tmp_path):
+    model = get_peft_model(tiny_bert(model_class=BertModel), VariatorConfig(ratio=4, adapter_dim=8))
+    trainer = VariatorTrainer(
+        model=model, args=training_args(tmp_path), task_weight=0.0, logits_weight=1.0, data_collator=collate
+    )
+    batch = collate([token_dataset(4, "none")[i] for i in range(4)])
+    with pytest.raises(ValueError, match="`logits_weight` > 0 needs a model that returns `logits`"):
+        distillation_loss(trainer, batch)
+
+
+def test_a_batch_without_labels_raises_when_only_the_task_loss_is_weighted(tmp_path):
+    trainer = VariatorTrainer(
+        model=variator_bert(),
+        args=training_args(tmp_path, max_steps=1),
+        task_weight=1.0,
+        distill_weight=0.0,
+        train_dataset=token_dataset(8, "none"),
+        data_collator=collate,
+    )
+    with pytest.raises(ValueError, match="no labels.*`task_weight` is the only nonzero loss weight"):
+        trainer.train()
+
+
+# Encoder-decoders
+
+
+def test_encoder_decoder_loss_from_input_ids_and_labels_is_task_loss_plus_encoder_hidden_state_mse(tmp_path):
+    # The teacher runs without labels, so the trainer must build the decoder inputs from them as the model does.
+    model = variator_t5()
+    randomize_plugins(model)
+    trainer = VariatorTrainer(
+        model=model, args=training_args(tmp_path), distill_weight=3.0, task_weight=0.5, data_collator=collate
+    )
+    batch = collate([token_dataset(4, "lm")[i] for i in range(4)])
+    assert set(batch) == {"input_ids", "attention_mask", "labels"}
+    with torch.no_grad():
+        with model.disable_adapter():
+            teacher = model(**batch, output_hidden_states=True)
+        student = model(**batch, output_hidden_states=True)
+        expected = 0.5 * student.loss + 3.0 * masked_mse(
+            student.encoder_hidden_states[-1], teacher.encoder_hidden_states[-1], batch["attention_mask"]
+        )
+    assert distillation_loss(trainer, batch) == pytest.approx(expected.item(), rel=1e-5)
+
+
+def test_encoder_decoder_plugins_train_by_distillation_on_input_ids_and_labels(tmp_path):
+    model = variator_t5()
+    before = snapshot(model)
+    trainer = VariatorTrainer(
+        model=model,
+        args=training_args(tmp_path, max_steps=2),
+        task_weight=0.0,
+        train_dataset=token_dataset(16, "lm"),
+        data_collator=collate,
+    )
+    assert trainer.train().training_loss > 0
+    assert changed(model, before) == {name for name, _ in model.named_parameters() if "variator_" in name}
+
+
+@pytest.mark.parametrize("decoder_positions", ["decoder_attention_mask", "labels"])
+def test_encoder_decoder_logits_kl_counts_the_real_decoder_positions(tmp_path, decoder_positions):
+    model = variator_t5()
+    randomize_plugins(model, std=0.3)
+    trainer = VariatorTrainer(
+        model=model,
+        args=training_args(tmp_path),
+        task_weight=0.0,
+        distill_weight=0.0,
+        logits_weight=1.0,
+        data_collator=collate,
+    )
+    # 12 source tokens, the second row's last 4 padding; 6 target tokens, the second row's last 3 padding. The
+    # source mask's last 6 columns would count 2 target tokens of the second row instead of 3.
+    targets = torch.randint(1, VOCAB, (2, 6))
+    target_mask = torch.tensor([[1] * 6, [1] * 3 + [0] * 3])
+    batch = {
+        "input_ids": torch.randint(1, VOCAB, (2, 12)),
+        "attention_mask": torch.tensor([[1] * 12, [1] * 8 + [0] * 4]),
+    }
+    if decoder_positions == "labels":
+        batch["labels"] = targets.masked_fill(target_mask == 0, -100)
+    else:
+        batch.update(decoder_input_ids=targets, decoder_attention_mask=target_mask)
+    with torch.no_grad():
+        with model.disable_adapter():
+            teacher = model(**batch).logits
+        student = model(**batch).logits
+    expected = logits_kl(student, teacher, target_mask).item()
+    assert expected > 0
+    assert distillation_loss(trainer, batch) == pytest.approx(expected, rel=1e-5)
 
 
 # Causal language models
@@ -496,6 +692,98 @@ def test_inactive_adapters_stay_frozen_when_one_is_trained(tmp_path):
     assert not any(parameter.requires_grad for name, parameter in model.named_parameters() if name in inactive)
 
 
+def test_adapters_named_by_digits_do_not_mark_each_others_weights_trainable(tmp_path):
+    # Adapter "2"'s parameters are named `...variator_up.2.weight`, and layer 2's `...layer.2...` as well.
+    model = get_peft_model(
+        tiny_bert(layers=3), VariatorConfig(ratio=2, adapter_dim=8, modules_to_save=["classifier"]), adapter_name="2"
+    )
+    model.add_adapter("4", VariatorConfig(ratio=4, adapter_dim=8, modules_to_save=["classifier"]))
+    model.add_adapter("8", VariatorConfig(ratio=8, adapter_dim=8, modules_to_save=["classifier"]))
+    VariatorTrainer(model=model, args=training_args(tmp_path), data_collator=collate)  # trains "2", the active one
+    plugin_and_head = {
+        name: parameter
+        for name, parameter in model.named_parameters()
+        if "variator_" in name or ".modules_to_save." in name
+    }
+    trainable = {name.split(".")[-2] for name, parameter in plugin_and_head.items() if parameter.requires_grad}
+    assert trainable == {"2"}
+    assert [name for name, parameter in plugin_and_head.items() if ".layer.2." in name and ".4." in name]
+    assert not any(parameter.requires_grad for name, parameter in plugin_and_head.items() if ".4." in name)
+
+
+def adapter_logits(model: PeftModel, adapter: str, batch: dict[str, torch.Tensor]) -> torch.Tensor:
+    active = model.active_adapter
+    model.set_adapter(adapter)
+    with torch.no_grad():
+        logits = model(**batch).logits
+    model.set_adapter(active)
+    return logits
+
+
+def test_predictions_with_several_ratios_are_the_active_adapters(tmp_path):
+    model = two_ratio_bert()  # "ratio4" is active
+    randomize_plugins(model, std=0.3)
+    data = token_dataset(8)
+    trainer = VariatorTrainer(
+        model=model,
+        args=training_args(tmp_path, per_device_eval_batch_size=8),
+        ratios_adapters=["ratio4", "ratio2"],
+        data_collator=collate,
+    )
+    predictions = torch.from_numpy(trainer.predict(data).predictions)
+    batch = collate([data[i] for i in range(8)])
+    assert model.active_adapter == "ratio4"
+    torch.testing.assert_close(predictions, adapter_logits(model, "ratio4", batch))
+    assert not torch.allclose(predictions, adapter_logits(model, "ratio2", batch), atol=1e-3)
+
+
+def test_predictions_with_several_ratios_are_the_first_trained_adapters_when_the_active_one_is_not_trained(
+    tmp_path,
+):
+    model = two_ratio_bert()
+    model.add_adapter("ratio8", VariatorConfig(ratio=8, adapter_dim=8, modules_to_save=["classifier"]))
+    model.set_adapter("ratio8")
+    randomize_plugins(model, std=0.3)
+    data = token_dataset(8)
+    trainer = VariatorTrainer(
+        model=model,
+        args=training_args(tmp_path, per_device_eval_batch_size=8),
+        ratios_adapters=["ratio4", "ratio2"],
+        data_collator=collate,
+    )
+    predictions = torch.from_numpy(trainer.predict(data).predictions)
+    batch = collate([data[i] for i in range(8)])
+    assert model.active_adapter == "ratio8"
+    torch.testing.assert_close(predictions, adapter_logits(model, "ratio4", batch))
+    assert not torch.allclose(predictions, adapter_logits(model, "ratio2", batch), atol=1e-3)
+
+
+def test_gradient_checkpointing_with_several_ratios_is_refused(tmp_path):
+    # Checkpointed layers would rerun in the backward pass with whichever adapter is active by then.
+    with pytest.raises(ValueError, match="checkpointing cannot be combined with several `ratios_adapters`"):
+        VariatorTrainer(
+            model=two_ratio_bert(),
+            args=training_args(tmp_path, gradient_checkpointing=True),
+            ratios_adapters=["ratio4", "ratio2"],
+        )
+
+
+def test_gradient_checkpointing_enabled_on_the_model_with_several_ratios_is_refused_at_the_first_step(tmp_path):
+    model = two_ratio_bert()
+    model.get_base_model().gradient_checkpointing_enable()
+    trainer = VariatorTrainer(
+        model=model,
+        args=training_args(tmp_path, max_steps=1),
+        ratios_adapters=["ratio4", "ratio2"],
+        train_dataset=token_dataset(8),
+        data_collator=collate,
+    )
+    before = snapshot(model)
+    with pytest.raises(ValueError, match="checkpointing cannot be combined with several `ratios_adapters`"):
+        trainer.train()
+    assert not changed(model, before)
+
+
 # Checkpoints
 
 
@@ -562,6 +850,38 @@ def test_resume_keeps_training_every_ratio_adapter(tmp_path):
     for name in full_state:
         if "variator_" in name or ".modules_to_save." in name:
             torch.testing.assert_close(resumed_state[name], full_state[name])
+
+
+def test_load_best_model_at_end_loads_the_best_checkpoints_named_adapter(tmp_path):
+    model = get_peft_model(tiny_bert(), VariatorConfig(ratio=4, adapter_dim=8), adapter_name="ratio4")
+    randomize_plugins(model, std=0.2)
+    args = training_args(
+        tmp_path,
+        max_steps=3,
+        eval_strategy="steps",
+        eval_steps=1,
+        save_strategy="steps",
+        save_steps=1,
+        per_device_eval_batch_size=8,
+        load_best_model_at_end=True,
+        # Training lowers the loss, so "best" = highest makes the first checkpoint the best, not the last one.
+        metric_for_best_model="loss",
+        greater_is_better=True,
+    )
+    trainer = VariatorTrainer(
+        model=model,
+        args=args,
+        task_weight=0.0,
+        train_dataset=token_dataset(24, "none"),
+        eval_dataset=token_dataset(8, "none", seed=1),
+        data_collator=collate,
+    )
+    trainer.train()
+    eval_losses = {entry["step"]: entry["eval_loss"] for entry in trainer.state.log_history if "eval_loss" in entry}
+    assert max(eval_losses, key=eval_losses.get) == 1
+    assert eval_losses[1] > eval_losses[3] * 1.01
+    assert trainer.state.best_model_checkpoint == str(tmp_path / "checkpoint-1")
+    assert trainer.evaluate()["eval_loss"] == pytest.approx(eval_losses[1], rel=1e-5)
 
 
 # Trainer features that must keep working
@@ -656,6 +976,19 @@ def test_evaluate_on_unlabelled_text_reports_the_distillation_loss(tmp_path):
     assert expected > 0
     assert trainer.evaluate()["eval_loss"] == pytest.approx(expected, rel=1e-4)
     assert trainer.predict(data).predictions.shape[:2] == batch["input_ids"].shape
+
+
+def test_the_trainers_model_card_keeps_the_variator_section(tmp_path):
+    trainer = VariatorTrainer(
+        model=two_ratio_bert(), args=training_args(tmp_path), ratios_adapters=["ratio4", "ratio2"]
+    )
+    trainer.save_model()
+    trainer.create_model_card(model_name="tiny-variator")  # what `Trainer.push_to_hub` writes before uploading
+    card = (tmp_path / "README.md").read_text()
+    assert "## Variator compression plugins" in card
+    assert "variator-ratio-2" in card
+    assert "variator-ratio-4" in card
+    assert 'model.load_adapter(repo_id, adapter_name="ratio4", subfolder="ratio4")' in card
 
 
 # A real model

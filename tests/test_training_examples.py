@@ -15,13 +15,19 @@ EXAMPLES = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__
 TINY = ["--max-length", "16", "--batch-size", "8"]
 
 
-def run_example(name: str, *arguments: str) -> str:
+def run_example(name: str, *arguments: str, processes: int = 1) -> str:
+    """The example's standard output; with `processes` > 1 it runs under torchrun, on CPU."""
+    env = {**os.environ, "HF_HUB_OFFLINE": "1", "HF_DATASETS_OFFLINE": "1"}
+    launcher = [sys.executable]
+    if processes > 1:
+        launcher += ["-m", "torch.distributed.run", "--nproc_per_node", str(processes)]
+        env.update(CUDA_VISIBLE_DEVICES="", OMP_NUM_THREADS="1")
     result = subprocess.run(
-        [sys.executable, os.path.join(EXAMPLES, name), *arguments],
+        [*launcher, os.path.join(EXAMPLES, name), *arguments],
         capture_output=True,
         text=True,
         timeout=300,
-        env={**os.environ, "HF_HUB_OFFLINE": "1", "HF_DATASETS_OFFLINE": "1"},
+        env=env,
     )
     assert result.returncode == 0, result.stderr[-3000:]
     return result.stdout
@@ -63,3 +69,12 @@ def test_pretrained_plugins_are_adapted_to_a_fine_tuned_model(tmp_path):
     before, after = plugin_weights(pretrained / "ratio4"), plugin_weights(adapted / "ratio4")
     assert set(before) == set(after)
     assert any(not torch.equal(before[name], after[name]) for name in before)
+
+
+def test_pretraining_under_torchrun_on_cpu_trains_the_processes_as_one_group(tmp_path):
+    # A process that trains alone (world size 1, what `TrainingArguments` without `use_cpu` gives on a machine
+    # without GPUs) is its own main process and prints the result too.
+    arguments = ["--ratios", "4", "--max-examples", "16", *TINY, "--output-dir", str(tmp_path)]
+    output = run_example("pretrain_plugins.py", *arguments, processes=2)
+    assert output.count("Pre-trained plugins:") == 1
+    assert plugin_weights(tmp_path / "ratio4")
