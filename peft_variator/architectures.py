@@ -69,6 +69,31 @@ def ffn_role(module: nn.Module, hidden_size: int | None) -> str | None:
     return None
 
 
+def more_than_an_ffn(module: nn.Module, hidden_size: int | None) -> str | None:
+    """Why a module that `ffn_role` calls a whole FFN is more than one (a transformer layer, an FFN block with its
+    norm and residual), or None. Compressing it would compress attention or the residual stream as well."""
+    if hidden_size is None:
+        return None
+    for name, child in module.named_modules():
+        if name and _is_whole_ffn(child, hidden_size):
+            return f"it contains the FFN {name!r}"
+    if any(inp == out == hidden_size for inp, out in linear_shapes(module)):
+        return "it has hidden -> hidden projections, as attention does"
+    return None
+
+
+def parallel_inputs(parent: nn.Module, half: str) -> list[str]:
+    """The other children of `parent` that map the hidden states exactly as its child `half` does: a gated FFN's
+    gate and up projections (Llama's `gate_proj` / `up_proj`) both read the FFN input, so neither alone is its first
+    half."""
+    shapes = linear_shapes(getattr(parent, half))
+    return [
+        name
+        for name, child in parent.named_children()
+        if name != half and not list(child.children()) and linear_shapes(child) == shapes
+    ]
+
+
 def pair_split_halves(inputs: list[str], outputs: list[str]) -> dict[str, str]:
     """Match each output half of a split FFN to its input half: the one input half inside the nearest ancestor that
     holds any (BERT: `layer.3.intermediate` for `layer.3.output.dense`; OPT: `layers.3.fc1` for `layers.3.fc2`).

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import numbers
+import operator
 from dataclasses import dataclass, field
 
 from peft.config import PeftConfig
@@ -102,23 +104,42 @@ class VariatorConfig(PeftConfig):
                 f"got {self.target_modules!r}."
             )
         if self.layers_to_transform is not None:
-            indices = (
-                [self.layers_to_transform] if isinstance(self.layers_to_transform, int) else self.layers_to_transform
-            )
-            if not all(isinstance(i, int) and not isinstance(i, bool) and i >= 0 for i in indices):
-                raise ValueError(
-                    "`layers_to_transform` must be a non-negative int or a list of them, "
-                    f"got {self.layers_to_transform!r}."
-                )
-            if isinstance(self.layers_to_transform, (tuple, set)):
-                self.layers_to_transform = sorted(self.layers_to_transform)
+            self.layers_to_transform = _layer_indices(self.layers_to_transform)
         if self.layers_pattern is not None and self.layers_to_transform is None:
             raise ValueError("`layers_pattern` only has an effect together with `layers_to_transform`; set both.")
 
 
+def _layer_indices(value: object) -> int | list[int]:
+    """`layers_to_transform` as an int or a sorted list of ints, as it is saved to JSON: any iterable of indices
+    (`range(1, 30)`, a tuple, a set, numpy integers) is accepted."""
+    error = ValueError(f"`layers_to_transform` must be a non-negative int or a list of them, got {value!r}.")
+    if isinstance(value, (str, bytes)):
+        raise error
+    try:
+        single = _index(value)
+    except TypeError:
+        single = None
+    try:
+        indices = [single] if single is not None else [_index(item) for item in value]
+    except TypeError:
+        raise error from None
+    if any(index < 0 for index in indices):
+        raise error
+    if single is not None:
+        return single
+    return indices if isinstance(value, list) else sorted(indices)
+
+
+def _index(value: object) -> int:
+    # `operator.index` takes ints and numpy integers, and refuses floats; bools are ints, but never an index here.
+    if isinstance(value, bool):
+        raise TypeError(value)
+    return operator.index(value)
+
+
 def _positive_int(name: str, value: object, minimum: int) -> int:
-    # Accept 4.0 (e.g. from a JSON or CLI round-trip) but never 2.5: a ratio is a group size.
-    if isinstance(value, bool) or not isinstance(value, (int, float)) or not float(value).is_integer():
+    # Accept 4.0 (e.g. from a JSON or CLI round-trip) and numpy numbers, but never 2.5: a ratio is a group size.
+    if isinstance(value, bool) or not isinstance(value, numbers.Real) or not float(value).is_integer():
         raise ValueError(f"`{name}` must be an integer >= {minimum}, got {value!r}.")
     if value < minimum:
         raise ValueError(f"`{name}` must be an integer >= {minimum}, got {value!r}.")

@@ -26,6 +26,18 @@ from .plugin import DecompressionAdapter, GroupLayout, compress, decompress, ini
 DECOMPRESSOR_NAMES = ("variator_down_output", "variator_down_token", "variator_up")
 
 
+def check_one_adapter(adapter_names: str | list[str]) -> list[str]:
+    """`adapter_names` as a list, refused when it activates more than one adapter (none is allowed: PEFT activates
+    none while a model has no adapter left)."""
+    names = [adapter_names] if isinstance(adapter_names, str) else list(adapter_names)
+    if len(names) > 1:
+        raise ValueError(
+            f"Variator runs exactly one adapter at a time; got {names}. Pass a single adapter name, or use "
+            "`disable_adapter()` to run the base model."
+        )
+    return names
+
+
 class VariatorLayer(nn.Module, BaseTunerLayer):
     """Common part of the Variator tuner layers: per-adapter ratios, the active plugin, no merging."""
 
@@ -50,6 +62,10 @@ class VariatorLayer(nn.Module, BaseTunerLayer):
 
     def _add_plugin(self, adapter_name: str, config: VariatorConfig) -> None:
         raise NotImplementedError
+
+    def set_adapter(self, adapter_names: str | list[str], inference_mode: bool = False) -> None:
+        # transformers' own PEFT integration (`PreTrainedModel.set_adapter`) calls each layer directly.
+        super().set_adapter(check_one_adapter(adapter_names), inference_mode=inference_mode)
 
     def _get_base_layer_device_and_dtype(
         self, base_layer: nn.Module
@@ -182,6 +198,10 @@ class SplitFFNState(threading.local):
     def __deepcopy__(self, memo: dict) -> SplitFFNState:
         # Thread-local storage cannot be copied; a copied model's two halves get one fresh, shared hand-over.
         return type(self)()
+
+    def __reduce__(self) -> tuple:
+        # Nor pickled (`torch.save(model)`); pickle's memo still gives both halves the same new one.
+        return type(self), ()
 
     @torch.compiler.disable
     def put(self, layout: GroupLayout | None, tokens: torch.Tensor | None) -> None:

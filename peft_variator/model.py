@@ -13,10 +13,12 @@ from .architectures import (
     hidden_size_of,
     layer_index,
     linear_shapes,
+    more_than_an_ffn,
     pair_split_halves,
+    parallel_inputs,
 )
 from .config import VariatorConfig
-from .layer import SplitFFNState, VariatorFFN, VariatorFFNInput, VariatorFFNOutput, VariatorLayer
+from .layer import SplitFFNState, VariatorFFN, VariatorFFNInput, VariatorFFNOutput, VariatorLayer, check_one_adapter
 from .padding import detach_padding_context, padding_context
 from .registration import PREFIX
 
@@ -103,6 +105,7 @@ class VariatorModel(BaseTuner):
     def _plan_targets(self, peft_config: VariatorConfig, model: nn.Module) -> dict[str, str]:
         """Check every matched module before anything is replaced, and pair the halves of split FFNs."""
         hidden_size = hidden_size_of(self.get_model_config(model))
+        encoder = _encoder_name(model)
         roles: dict[str, list[str]] = {"input": [], "output": []}
         wrapped: list[str] = []
         for key, module in model.named_modules():
@@ -113,6 +116,13 @@ class VariatorModel(BaseTuner):
                 module = module.get_base_layer()
             if not self._check_target_module_exists(peft_config, key):
                 continue
+            if encoder is not None and not key.startswith(encoder + "."):
+                # The decoder is causal and its padding is not the encoder's mask, the one the layers are given.
+                raise ValueError(
+                    f"Variator compresses the encoder of an encoder-decoder model only, but `target_modules` matches "
+                    f"{key!r}, outside the encoder ({encoder!r}). Narrow `target_modules` to the encoder's FFNs, or "
+                    "leave it unset to take the default."
+                )
             role = ffn_role(module, hidden_size)
             if role is None:
                 raise ValueError(
@@ -120,6 +130,20 @@ class VariatorModel(BaseTuner):
                     f"({type(module).__name__}) has linear layers {linear_shapes(module)}. Pass the module holding "
                     "the whole FFN in `target_modules`."
                 )
+            reason = more_than_an_ffn(module, hidden_size) if role == "ffn" else None
+            if reason is not None:
+                raise ValueError(
+                    f"Variator targets must be FFNs, but {key!r} ({type(module).__name__}) is more than one: "
+                    f"{reason}. Target the FFN inside it."
+                )
+            if role == "input":
+                parent_key, _, half = key.rpartition(".")
+                parallel = parallel_inputs(model.get_submodule(parent_key), half)
+                if parallel:
+                    raise ValueError(
+                        f"{key!r} is not the first half of an FFN on its own: {parallel} next to it read the same "
+                        f"hidden states (a gated FFN). Target the module holding the whole FFN ({parent_key!r})."
+                    )
             if role in roles:
                 roles[role].append(key)
         return pair_split_halves(roles["input"], roles["output"])
@@ -165,16 +189,11 @@ class VariatorModel(BaseTuner):
                 parameter.requires_grad = False
 
     def set_adapter(self, adapter_name: str | list[str], inference_mode: bool = False) -> None:
-        names = [adapter_name] if isinstance(adapter_name, str) else list(adapter_name)
-        if len(names) != 1:
-            raise ValueError(
-                f"Variator runs exactly one adapter at a time; got {names}. Pass a single adapter name, or use "
-                "`disable_adapter()` to run the base model."
-            )
+        names = check_one_adapter(adapter_name)
         unknown = [name for name in names if name not in self.peft_config]
         if unknown:
             raise ValueError(f"Adapter {unknown[0]!r} not found; loaded adapters: {sorted(self.peft_config)}.")
-        super().set_adapter(names[0], inference_mode=inference_mode)
+        super().set_adapter(names[0] if names else names, inference_mode=inference_mode)
 
     def merge_adapter(self, *args, **kwargs) -> None:
         raise ValueError(_MERGE_ERROR)
@@ -208,6 +227,14 @@ class VariatorModel(BaseTuner):
 def _is_causal_lm(model: nn.Module) -> bool:
     # transformers' own list of causal-LM classes, so GPT-2's `GPT2LMHeadModel` counts as well as `*ForCausalLM`.
     return type(model).__name__ in set(MODEL_FOR_CAUSAL_LM_MAPPING_NAMES.values())
+
+
+def _encoder_name(model: nn.Module) -> str | None:
+    """The name of an encoder-decoder model's encoder module; None for other models."""
+    if not getattr(getattr(model, "config", None), "is_encoder_decoder", False):
+        return None
+    encoder = model.get_encoder()
+    return next((name for name, module in model.named_modules() if module is encoder and name), None)
 
 
 def _remove_variator_tags(model: nn.Module) -> None:

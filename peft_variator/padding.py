@@ -2,12 +2,13 @@
 
 PEFT tuner layers only receive the hidden states. Variator must know which tokens are padding, so the model's own
 entry points (the top model, its inner base model, and the encoder that encoder-decoder `generate()` calls directly)
-get a forward pre-hook that records the 2-D attention mask of the call. Layers read it from the shared
-`PaddingContext`, which also memoises the group layout per ratio, so the layers of one forward share one plan.
+get their `forward` wrapped, on the instance, by one that records the 2-D attention mask of the call. Layers read it
+from the shared `PaddingContext`, which also memoises the group layout per ratio, so the layers of one forward share
+one plan. Not a forward pre-hook: sentence-transformers calls `forward` directly, which skips hooks.
 
-Each entry point holds the context as an attribute and its hook looks it up on the module it is called for, never
-through a closure: `copy.deepcopy` copies hook functions by reference, so a copied model's hooks must find the copy's
-own context, and unloading one model must not touch the hooks of another.
+Each entry point holds the context as an attribute and its wrapper looks it up on the module it wraps, never through
+a closure: `copy.deepcopy` and pickling copy the wrapper with the module, so a copied model's wrappers find the copy's
+own context, and unloading one model must not touch another.
 
 The last mask stays recorded after the forward returns: gradient checkpointing re-runs layers during backward,
 outside any model forward, and must see the same grouping.
@@ -25,8 +26,6 @@ from torch import nn
 from .plugin import GroupLayout, plan_groups
 
 _CONTEXT_ATTRIBUTE = "_variator_padding"
-# Marks the mask-recording hooks, so they can be found (and removed) on a deep copy, where no handle points to them.
-_RECORDER_MARK = "_variator_records_padding"
 
 
 class _Recorded:
@@ -35,6 +34,8 @@ class _Recorded:
     def __init__(self, mask: torch.Tensor | None = None, batch_size: int | None = None) -> None:
         self.mask = mask
         self.mask_version = _version_of(mask)
+        # Layouts planned under inference mode are inference tensors, which autograd cannot save for backward.
+        self.inference_mode = torch.is_inference_mode_enabled()
         self.batch_size = mask.shape[0] if mask is not None else batch_size
         self.layouts: dict[tuple[int, int, int, bool, torch.device], GroupLayout] = {}
 
@@ -59,17 +60,24 @@ class PaddingContext:
         # `memo`) shares one fresh context.
         return type(self)()
 
+    def __reduce__(self) -> tuple:
+        # Likewise for pickling (`torch.save(model)`); thread-local storage cannot be pickled anyway.
+        return type(self), ()
+
     def record(self, attention_mask: torch.Tensor | None, batch_size: int | None = None) -> None:
         if attention_mask is not None and attention_mask.dim() != 2:
             raise ValueError(
                 "Variator needs a 2-D padding mask `attention_mask` of shape (batch, seq_len) to group real tokens, "
-                f"got a {attention_mask.dim()}-D tensor of shape {tuple(attention_mask.shape)}."
+                f"got a {attention_mask.dim()}-D tensor of shape {tuple(attention_mask.shape)}. `generate()` builds "
+                'such masks itself for a static KV cache (`cache_implementation="static"`): generate with the '
+                "default dynamic cache."
             )
         current = getattr(self._local, "recorded", None)
         # Nested entry points (a PeftModel, then its base model) record the same call twice: the same mask, not
         # written to since (its version counter), or no mask at all. Keep the first record and the layouts already
         # planned from it, unless the second knows the batch size the first did not.
-        if current is not None and current.mask is attention_mask:
+        nested = current is not None and current.inference_mode == torch.is_inference_mode_enabled()
+        if nested and current.mask is attention_mask:
             if attention_mask is None:
                 if batch_size is None or batch_size == current.batch_size:
                     return
@@ -134,25 +142,26 @@ def _version_of(mask: torch.Tensor | None) -> int | None:
 
 
 def padding_context(model: nn.Module) -> PaddingContext:
-    """The model's padding context, attaching it and its mask-recording hooks on first use."""
+    """The model's padding context, attaching it and its mask-recording `forward` wrappers on first use."""
     context = getattr(model, _CONTEXT_ATTRIBUTE, None)
     if context is None:
         context = PaddingContext()
         object.__setattr__(model, _CONTEXT_ATTRIBUTE, context)
         for entry_point in _entry_points(model):
             object.__setattr__(entry_point, _CONTEXT_ATTRIBUTE, context)
-            entry_point.register_forward_pre_hook(_mask_recorder(entry_point), with_kwargs=True)
+            object.__setattr__(entry_point, "forward", _MaskRecordingForward(entry_point))
     return context
 
 
 def detach_padding_context(model: nn.Module) -> None:
-    """Remove the hooks and the context, leaving the model as it was before Variator touched it."""
+    """Remove the wrappers and the context, leaving the model as it was before Variator touched it."""
     for module in {id(m): m for m in (model, *_entry_points(model))}.values():
-        # Removed by key, as `RemovableHandle.remove` does: a deep copy's hooks have no handle of their own.
-        for hook_id, hook in list(module._forward_pre_hooks.items()):
-            if getattr(hook, _RECORDER_MARK, False):
-                del module._forward_pre_hooks[hook_id]
-                module._forward_pre_hooks_with_kwargs.pop(hook_id, None)
+        wrapper = vars(module).get("forward")
+        if isinstance(wrapper, _MaskRecordingForward):
+            if wrapper.inner is None:
+                object.__delattr__(module, "forward")
+            else:
+                object.__setattr__(module, "forward", wrapper.inner)
         if _CONTEXT_ATTRIBUTE in vars(module):
             object.__delattr__(module, _CONTEXT_ATTRIBUTE)
 
@@ -169,24 +178,38 @@ def _entry_points(model: nn.Module) -> list[nn.Module]:
     return entry_points
 
 
-def _mask_recorder(module: nn.Module):
-    positions = {name: index for index, name in enumerate(inspect.signature(module.forward).parameters)}
+class _MaskRecordingForward:
+    """An entry point's `forward`, set on the instance: records the call's padding mask, then runs the forward.
 
-    def argument(name: str, args: tuple, kwargs: dict) -> Any:
+    Holds its module (not a bound method) so deep copies and pickles of the model rebuild it around the copy. Wraps
+    an instance-level `forward` already in place (accelerate's device-map hooks) and puts it back on detach.
+    """
+
+    def __init__(self, module: nn.Module) -> None:
+        self.module = module
+        self.inner = vars(module).get("forward")
+        signature = inspect.signature(module.forward)
+        # Callers read the forward's parameters (transformers' `generate`, the Trainer's column filter).
+        self.__signature__ = signature
+        self.positions = {name: index for index, name in enumerate(signature.parameters)}
+
+    def __call__(self, *args: Any, **kwargs: Any) -> Any:
+        context = getattr(self.module, _CONTEXT_ATTRIBUTE, None)
+        if context is not None:
+            # The batch size lets layers regroup tokens that an architecture flattens before its FFN (OPT).
+            batch_size = None
+            for name in ("input_ids", "inputs_embeds"):
+                value = self._argument(name, args, kwargs)
+                if isinstance(value, torch.Tensor) and value.dim() >= 2:
+                    batch_size = value.shape[0]
+                    break
+            context.record(self._argument("attention_mask", args, kwargs), batch_size)
+        if self.inner is not None:
+            return self.inner(*args, **kwargs)
+        return type(self.module).forward(self.module, *args, **kwargs)
+
+    def _argument(self, name: str, args: tuple, kwargs: dict) -> Any:
         if name in kwargs:
             return kwargs[name]
-        position = positions.get(name)
+        position = self.positions.get(name)
         return args[position] if position is not None and position < len(args) else None
-
-    def record_mask(entry_point: nn.Module, args: tuple, kwargs: dict) -> None:
-        # The batch size lets layers regroup tokens that an architecture flattens before its FFN (OPT).
-        batch_size = None
-        for name in ("input_ids", "inputs_embeds"):
-            value = argument(name, args, kwargs)
-            if isinstance(value, torch.Tensor) and value.dim() >= 2:
-                batch_size = value.shape[0]
-                break
-        getattr(entry_point, _CONTEXT_ATTRIBUTE).record(argument("attention_mask", args, kwargs), batch_size)
-
-    setattr(record_mask, _RECORDER_MARK, True)
-    return record_mask

@@ -281,7 +281,7 @@ def test_explicit_target_modules_win_over_the_table():
 
 def test_target_that_is_not_a_whole_ffn_is_refused():
     base = AutoModelForCausalLM.from_config(DECODERS["llama"])
-    with pytest.raises(ValueError, match="half an FFN"):
+    with pytest.raises(ValueError, match="not the first half of an FFN on its own"):
         variator(base, target_modules=["gate_proj"])
     with pytest.raises(ValueError, match="must be FFNs"):
         variator(base, target_modules=["q_proj"])

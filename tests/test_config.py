@@ -60,3 +60,14 @@ def test_config_round_trips_through_json(tmp_path):
         loaded.exact_last_token,
     ) == (8, 32, [0, 2], ["classifier"], False)
     assert loaded.peft_type == VARIATOR
+
+
+def test_layers_to_transform_takes_any_iterable_of_indices_and_saves_as_json(tmp_path):
+    import numpy as np
+
+    config = VariatorConfig(ratio=np.int64(4), layers_to_transform=range(1, 4))
+    assert config.ratio == 4 and type(config.ratio) is int
+    assert config.layers_to_transform == [1, 2, 3]
+    assert VariatorConfig(layers_to_transform=np.int64(2)).layers_to_transform == 2
+    config.save_pretrained(tmp_path)
+    assert VariatorConfig.from_pretrained(tmp_path).layers_to_transform == [1, 2, 3]

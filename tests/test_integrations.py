@@ -3,6 +3,7 @@ from outside PEFT."""
 
 from __future__ import annotations
 
+import pytest
 import torch
 from conftest import randomize_plugins
 from sentence_transformers import SentenceTransformer
@@ -57,3 +58,27 @@ def test_sentence_transformers_add_adapter(minilm_path):
     assert not torch.allclose(compressed, reference)
     model.disable_adapters()
     torch.testing.assert_close(model.encode(SENTENCES, convert_to_tensor=True), reference)
+
+
+def test_sentence_transformers_encode_does_not_depend_on_the_batch_padding(minilm_path):
+    # sentence-transformers calls the transformer's `forward` directly, past any forward hook: the mask must still
+    # reach the plugins, or padding would be grouped with real tokens.
+    model = SentenceTransformer(minilm_path, device="cpu")
+    model.add_adapter(VariatorConfig(ratio=4), adapter_name="ratio4")
+    randomize_plugins(model)
+    short, long = "Plugins.", "A much longer sentence, which pads the short one in the same batch to its length."
+    together = model.encode([short, long], convert_to_tensor=True)
+    alone = model.encode([short], convert_to_tensor=True)
+    torch.testing.assert_close(together[0], alone[0], rtol=0, atol=1e-5)
+
+
+def test_transformers_set_adapter_refuses_two_variator_adapters_at_once(minilm_path):
+    tokenizer = AutoTokenizer.from_pretrained(minilm_path)
+    model = AutoModel.from_pretrained(minilm_path).eval()
+    model.add_adapter(VariatorConfig(ratio=2), adapter_name="ratio2")
+    model.add_adapter(VariatorConfig(ratio=4), adapter_name="ratio4")
+    model.set_adapter("ratio4")
+    with pytest.raises(ValueError, match="exactly one adapter at a time"):
+        model.set_adapter(["ratio2", "ratio4"])
+    assert model.active_adapters() == ["ratio4"]
+    assert torch.isfinite(encode(model, tokenizer)).all()

@@ -214,7 +214,7 @@ def test_unload_returns_the_untouched_base_model():
     restored = model.unload()
     assert set(restored.state_dict()) == keys
     assert not any(isinstance(module, VariatorLayer) for module in restored.modules())
-    assert not restored._forward_pre_hooks
+    assert not any("forward" in vars(module) or "_variator_padding" in vars(module) for module in restored.modules())
     assert torch.equal(hidden(restored, batch), reference)
 
 
@@ -467,7 +467,80 @@ def test_unloading_a_deep_copy_leaves_the_original_working_and_the_copy_bare():
     unloaded = copy.deepcopy(model).unload()
     # The original still records each batch's padding mask ...
     torch.testing.assert_close(hidden(model, second), expected)
-    # ... and the unloaded copy keeps no Variator hook or attribute.
+    # ... and the unloaded copy keeps no Variator forward wrapper or attribute.
     for module in unloaded.modules():
-        assert not any(getattr(hook, "__name__", "") == "record_mask" for hook in module._forward_pre_hooks.values())
+        assert "forward" not in vars(module)
         assert "_variator_padding" not in vars(module)
+
+
+def test_a_batch_run_under_inference_mode_runs_again_with_autograd():
+    # Evaluating a batch, then training on it: the grouping planned under inference mode is not reused.
+    model = get_peft_model(tiny_bert(), VariatorConfig(ratio=4))
+    randomize_plugins(model)
+    batch = inputs()
+    with torch.inference_mode():
+        evaluated = model(**batch).last_hidden_state.clone()
+    trained = model(**batch).last_hidden_state
+    trained.sum().backward()
+    torch.testing.assert_close(trained.detach(), evaluated)
+    assert all(p.grad is not None for name, p in model.named_parameters() if "variator_compressor" in name)
+
+
+def test_a_new_adapter_can_be_added_after_deleting_every_adapter():
+    model = get_peft_model(tiny_bert(), VariatorConfig(ratio=4))
+    model.delete_adapter("default")
+    model.add_adapter("ratio2", VariatorConfig(ratio=2))
+    model.set_adapter("ratio2")
+    layers = [module for module in model.modules() if isinstance(module, VariatorLayer)]
+    assert layers and all(layer.ratio == {"ratio2": 2} for layer in layers)
+    assert hidden(model, inputs()).shape == (2, 11, 32)
+
+
+def test_a_pickled_model_loads_with_the_same_outputs(tmp_path):
+    model = get_peft_model(tiny_bert(), VariatorConfig(ratio=4))
+    randomize_plugins(model)
+    batch = inputs()
+    expected = hidden(model, batch)
+    torch.save(model, tmp_path / "model.pt")
+    restored = torch.load(tmp_path / "model.pt", weights_only=False)
+    torch.testing.assert_close(hidden(restored, batch), expected, rtol=0, atol=0)
+    # Its padding is its own: a batch with other padding still groups by that batch's mask.
+    other = inputs(batch=3, seq_len=9)
+    torch.testing.assert_close(hidden(restored, other), hidden(model, other), rtol=0, atol=0)
+
+
+@pytest.mark.parametrize(
+    ("target_modules", "message"),
+    [
+        (["up_proj", "down_proj"], r"'model.layers.0.mlp.up_proj' is not the first half of an FFN on its own"),
+        (["gate_proj", "down_proj"], r"\['up_proj'\] next to it read the same hidden states"),
+        (r"model\.layers\.\d+", r"'model.layers.0' \(LlamaDecoderLayer\) is more than one: it contains the FFN 'mlp'"),
+    ],
+)
+def test_targets_that_are_not_exactly_an_ffn_are_refused_naming_the_module(target_modules, message):
+    from transformers import LlamaForCausalLM
+
+    with pytest.raises(ValueError, match=message):
+        get_peft_model(LlamaForCausalLM(tiny_llama_config()), VariatorConfig(target_modules=target_modules))
+
+
+def test_a_whole_bert_layer_is_refused_for_its_attention_projections():
+    with pytest.raises(ValueError, match="hidden -> hidden projections"):
+        get_peft_model(tiny_bert(), VariatorConfig(target_modules=r"encoder\.layer\.\d+"))
+
+
+def test_decoder_ffns_of_an_encoder_decoder_are_refused():
+    from transformers import T5Config, T5ForConditionalGeneration
+
+    config = T5Config(vocab_size=100, d_model=32, d_kv=8, d_ff=64, num_layers=2, num_heads=4)
+    with pytest.raises(ValueError, match="outside the encoder"):
+        get_peft_model(T5ForConditionalGeneration(config), VariatorConfig(target_modules=["DenseReluDense"]))
+
+
+def test_static_cache_generation_is_refused_with_the_cache_to_use():
+    from transformers import LlamaForCausalLM
+
+    model = get_peft_model(LlamaForCausalLM(tiny_llama_config()).eval(), VariatorConfig(ratio=2))
+    batch = inputs()
+    with pytest.raises(ValueError, match="default dynamic cache"):
+        model.generate(**batch, max_new_tokens=2, cache_implementation="static")
