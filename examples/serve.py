@@ -227,7 +227,7 @@ class MicroBatcher:
         self.max_batch_size = max_batch_size
         self.max_wait_ms = max_wait_ms
         self.clock = clock
-        self.batch_sizes: list[int] = []
+        self.reset_stats()
         self._queue: asyncio.Queue[_Pending] | None = None
         self._worker: asyncio.Task | None = None
 
@@ -236,16 +236,20 @@ class MicroBatcher:
         self._worker = asyncio.create_task(self._serve())
 
     async def stop(self) -> None:
+        """Stop batching; requests still queued, and any submitted from now on, fail with `BatcherStopped`."""
         if self._worker is not None:
             self._worker.cancel()
             with contextlib.suppress(asyncio.CancelledError):
                 await self._worker
             self._worker = None
+        queue, self._queue = self._queue, None
+        while queue is not None and not queue.empty():
+            _fail([queue.get_nowait()], BatcherStopped("The server is shutting down."))
 
     async def submit(self, texts: Sequence[str]) -> list[tuple[Any, Decision]]:
         """The result of each text, and the decision of the batch it ran in."""
         if self._queue is None:
-            raise RuntimeError("The batcher is not running: call `start()` first (the app's lifespan does).")
+            raise BatcherStopped("The batcher is not running: call `start()` first (the app's lifespan does).")
         loop = asyncio.get_running_loop()
         pending = [_Pending(text, self.clock(), loop.create_future()) for text in texts]
         for item in pending:
@@ -253,48 +257,72 @@ class MicroBatcher:
         return list(await asyncio.gather(*(item.future for item in pending)))
 
     async def _serve(self) -> None:
-        assert self._queue is not None
         while True:
-            batch = [await self._queue.get()]
-            deadline = batch[0].arrived + self.max_wait_ms / 1000.0
-            while len(batch) < self.max_batch_size:
-                if not self._queue.empty():
-                    batch.append(self._queue.get_nowait())
-                    continue
-                remaining = deadline - self.clock()
-                if remaining <= 0:
-                    break
-                try:
-                    batch.append(await asyncio.wait_for(self._queue.get(), remaining))
-                except TimeoutError:
-                    break
-            await self._run(batch)
+            batch: list[_Pending] = []
+            try:
+                await self._collect(batch)
+                await self._run(batch)
+            except asyncio.CancelledError:
+                # Stopped while collecting or running a batch: its requests must not wait forever.
+                _fail(batch, BatcherStopped("The server is shutting down."))
+                raise
+
+    async def _collect(self, batch: list[_Pending]) -> None:
+        """Fill `batch` with the first waiting text and whatever else arrives before it is due."""
+        assert self._queue is not None
+        batch.append(await self._queue.get())
+        deadline = batch[0].arrived + self.max_wait_ms / 1000.0
+        while len(batch) < self.max_batch_size:
+            if not self._queue.empty():
+                batch.append(self._queue.get_nowait())
+                continue
+            remaining = deadline - self.clock()
+            if remaining <= 0:
+                break
+            try:
+                batch.append(await asyncio.wait_for(self._queue.get(), remaining))
+            except asyncio.TimeoutError:  # not the builtin `TimeoutError` before Python 3.11
+                break
 
     async def _run(self, batch: list[_Pending]) -> None:
-        self.batch_sizes.append(len(batch))
+        self.batches += 1
+        self.texts += len(batch)
         queue_delay_ms = (self.clock() - min(item.arrived for item in batch)) * 1000.0
         try:
             results, decision = await asyncio.to_thread(
                 self.run_batch, [item.text for item in batch], queue_delay_ms, self._queue.qsize()
             )
         except Exception as error:  # noqa: BLE001  (handed to every waiting request instead of killing the worker)
-            for item in batch:
-                if not item.future.done():
-                    item.future.set_exception(error)
+            self.failed_batches += 1
+            _fail(batch, error)
             return
         for item, result in zip(batch, results, strict=True):
             if not item.future.done():
                 item.future.set_result((result, decision))
 
     def stats(self) -> dict[str, Any]:
-        sizes = self.batch_sizes
+        """Batches run (those whose model call failed included, and counted apart) and texts in them."""
         return {
-            "batches": len(sizes),
-            "texts": sum(sizes),
-            "mean_batch_size": sum(sizes) / len(sizes) if sizes else None,
+            "batches": self.batches,
+            "failed_batches": self.failed_batches,
+            "texts": self.texts,
+            "mean_batch_size": self.texts / self.batches if self.batches else None,
             "max_batch_size": self.max_batch_size,
             "max_wait_ms": self.max_wait_ms,
         }
+
+    def reset_stats(self) -> None:
+        self.batches = self.failed_batches = self.texts = 0
+
+
+class BatcherStopped(RuntimeError):
+    """A request reached a batcher that is not running (not started yet, or shut down)."""
+
+
+def _fail(items: list[_Pending], error: BaseException) -> None:
+    for item in items:
+        if not item.future.done():
+            item.future.set_exception(error)
 
 
 # --- the service ----------------------------------------------------------------------------------------------------
@@ -356,7 +384,7 @@ def create_app(service: Service) -> FastAPI:
         text_model.scheduler.record_arrival(num_tokens)
         try:
             results = await service.batchers[kind].submit(texts)
-        except RuntimeError as error:
+        except BatcherStopped as error:
             raise HTTPException(status_code=503, detail=str(error)) from error
         items = [
             {
@@ -391,7 +419,7 @@ def create_app(service: Service) -> FastAPI:
     async def reset_stats() -> dict[str, str]:
         for name, text_model in (("embed", service.embedder), ("classify", service.classifier)):
             text_model.scheduler.reset_stats()
-            service.batchers[name].batch_sizes.clear()
+            service.batchers[name].reset_stats()
         return {"status": "reset"}
 
     @app.get("/health")
@@ -417,9 +445,21 @@ def _validated_texts(request: TextRequest, text_model: TextModel) -> tuple[list[
         where = '"text"' if request.text is not None else f'"texts"[{index}]'
         if not text.strip():
             raise HTTPException(status_code=422, detail=f"{where} is empty; send some text.")
-        # A cheap bound first, so a huge body is refused without tokenizing it (a token is at least one character).
-        text_tokens = text_model.count_tokens(text) if len(text) <= 50 * text_model.max_tokens else None
-        if text_tokens is None or text_tokens > text_model.max_tokens:
+        try:
+            text.encode("utf-8")
+        except UnicodeEncodeError as error:
+            # Valid JSON can carry a lone surrogate (\\udc80), which no tokenizer takes.
+            detail = f"{where} is not valid Unicode text: {error.reason}."
+            raise HTTPException(status_code=422, detail=detail) from error
+        max_characters = 50 * text_model.max_tokens
+        if len(text) > max_characters:
+            # Refused without tokenizing it: a huge body must not cost the server a tokenizer run.
+            raise HTTPException(
+                status_code=413,
+                detail=f"{where} is longer than {max_characters} characters, the limit; shorten or split it.",
+            )
+        text_tokens = text_model.count_tokens(text)
+        if text_tokens > text_model.max_tokens:
             raise HTTPException(
                 status_code=413,
                 detail=f"{where} is longer than {text_model.max_tokens} tokens, the limit; shorten or split it.",
@@ -457,6 +497,11 @@ def build_service(
     device_lock = threading.Lock()
 
     def make(model: PeftModel, tokenizer: Any, postprocess: Callable) -> TextModel:
+        limit = _max_positions(model, tokenizer)
+        if limit is not None and max_tokens > limit:
+            # Otherwise a request that passes validation fails in the model, together with every request batched
+            # with it.
+            raise SystemExit(f"--max-tokens {max_tokens} is more than the model takes ({limit} tokens).")
         scheduler = RatioScheduler(model, choices, latency_budget_ms=latency_budget_ms, lock=device_lock)
         text_model = TextModel(model, tokenizer, scheduler, max_tokens, postprocess)
         sample = text_model.tokenize([_sample_text(tokenizer, calibration_tokens, i) for i in range(max_batch_size)])
@@ -473,6 +518,14 @@ def build_service(
         class_scores(labels),
     )
     return Service(embedder, classifier, trained, max_batch_size=max_batch_size, max_wait_ms=max_wait_ms)
+
+
+def _max_positions(model: PeftModel, tokenizer: Any) -> int | None:
+    """The most tokens one sequence can have: the model's position embeddings or the tokenizer's limit."""
+    limits = [getattr(model.config, "max_position_embeddings", None), getattr(tokenizer, "model_max_length", None)]
+    # Tokenizers without a known limit report a huge placeholder (1e30).
+    known = [limit for limit in limits if isinstance(limit, int) and 0 < limit < 1_000_000]
+    return min(known, default=None)
 
 
 def _sample_text(tokenizer: Any, num_tokens: int, seed: int) -> str:

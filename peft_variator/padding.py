@@ -16,8 +16,10 @@ outside any model forward, and must see the same grouping.
 
 from __future__ import annotations
 
+import contextlib
 import inspect
 import threading
+from collections.abc import Iterator
 from typing import Any
 
 import torch
@@ -54,6 +56,8 @@ class PaddingContext:
         # the last prompt token and the generated tokens do at inference. For every thread (checkpointed layers are
         # recomputed on autograd's), and only where the adapter keeps the last token exact.
         self.decode_tokens = 0
+        # Set by `bypass_plugins`: every layer runs as the base model, whatever adapter is active or enabled.
+        self.plugins_bypassed = False
 
     def __deepcopy__(self, memo: dict) -> PaddingContext:
         # Recorded masks belong to the original's forwards; a copied model (its entry points and layers, through
@@ -63,6 +67,17 @@ class PaddingContext:
     def __reduce__(self) -> tuple:
         # Likewise for pickling (`torch.save(model)`); thread-local storage cannot be pickled anyway.
         return type(self), ()
+
+    @contextlib.contextmanager
+    def bypass_plugins(self) -> Iterator[None]:
+        """Run the base model without touching the adapters' state. PEFT's `disable_adapter_layers` visits every
+        layer, and re-enabling marks the active adapter trainable again, even one loaded for inference: a serving loop
+        that runs uncompressed between compressed batches wants neither. Model-wide, like the active adapter."""
+        previous, self.plugins_bypassed = self.plugins_bypassed, True
+        try:
+            yield
+        finally:
+            self.plugins_bypassed = previous
 
     def record(self, attention_mask: torch.Tensor | None, batch_size: int | None = None) -> None:
         if attention_mask is not None and attention_mask.dim() != 2:

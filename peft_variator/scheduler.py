@@ -23,6 +23,9 @@ from typing import Any
 import torch
 from torch import nn
 
+from .layer import VariatorLayer
+from .padding import padding_context
+
 UNCOMPRESSED = None
 """The adapter name that stands for the base model, run under `disable_adapter()`."""
 
@@ -48,8 +51,7 @@ class LatencyModel:
     def __init__(self, intercept_ms: float, per_token_ms: float, smoothing: float = 0.2) -> None:
         _check_number("intercept_ms", intercept_ms, minimum=0.0)
         _check_number("per_token_ms", per_token_ms, minimum=0.0)
-        if isinstance(smoothing, bool) or not isinstance(smoothing, (int, float)) or not 0.0 < smoothing <= 1.0:
-            raise ValueError(f"`smoothing` must be a number in (0, 1], got {smoothing!r}.")
+        _check_smoothing(smoothing)
         self.intercept_ms = float(intercept_ms)
         self.per_token_ms = float(per_token_ms)
         self.smoothing = float(smoothing)
@@ -185,9 +187,9 @@ class RatioScheduler:
         load_window_ms: the arrival rate is the tokens recorded in this many recent milliseconds.
 
     The model is one shared object: `__call__` switches adapters and runs under a lock, so several threads may
-    serve from the same scheduler. The lock is required, not only tidy: a Variator model keeps the current forward's
-    padding mask and the split-FFN hand-over on the model, so two overlapping forwards of one model from different
-    threads would read each other's state.
+    serve from the same scheduler. The lock is required, not only tidy: the active adapter is model-wide, so a
+    thread switching it would change what another thread's overlapping forward runs (padding masks and the split
+    FFN's hand-over are kept per thread and need no lock).
     """
 
     def __init__(
@@ -204,8 +206,12 @@ class RatioScheduler:
     ) -> None:
         self.model = model
         self.adapters = _order_by_compression(model, adapters)
+        self._padding = padding_context(model.get_base_model())
+        self._plugin_layer = next(module for module in model.modules() if isinstance(module, VariatorLayer))
         self.latency_budget_ms = latency_budget_ms
         self.clock = clock
+        _check_smoothing(smoothing)
+        _check_count("history", history)
         self.smoothing = smoothing
         self.cost_models: dict[str | None, LatencyModel] = {}
         self._lock = lock if lock is not None else threading.Lock()
@@ -278,7 +284,7 @@ class RatioScheduler:
                     latencies.append(sorted(runs)[len(runs) // 2])
                 fitted[adapter] = LatencyModel.fit(tokens, latencies, smoothing=self.smoothing)
             # A set-up step: the model comes back with the adapter it had (serving switches per batch anyway).
-            self.model.set_adapter(active)
+            self.model.set_adapter(active, inference_mode=self.model.peft_config[active].inference_mode)
             self.cost_models.update(fitted)
         return fitted
 
@@ -421,16 +427,17 @@ class RatioScheduler:
     def _run(self, adapter: str | None, batch: Mapping[str, Any]) -> Any:
         with torch.inference_mode():
             if adapter is None:
-                # The tuner's own switch rather than `PeftModel.disable_adapter()`, which also inspects every layer's
-                # status for a warning: 1.6 of the 2.6 ms that an uncompressed all-MiniLM-L6-v2 batch paid to switch.
-                tuner = self.model.base_model
-                tuner.disable_adapter_layers()
-                try:
+                with self._padding.bypass_plugins():
                     return self.model(**batch)
-                finally:
-                    tuner.enable_adapter_layers()
+            if self._plugin_layer.disable_adapters:
+                raise RuntimeError(
+                    f"RatioScheduler chose {adapter!r}, but the model's adapters are disabled (is it called inside "
+                    "`with model.disable_adapter():`?). Let the scheduler switch: it runs uncompressed when None is "
+                    "among its `adapters`."
+                )
             if self.model.active_adapter != adapter:
-                self.model.set_adapter(adapter)
+                # Keeps an adapter loaded for inference frozen: PEFT's default marks it trainable.
+                self.model.set_adapter(adapter, inference_mode=self.model.peft_config[adapter].inference_mode)
             return self.model(**batch)
 
     def _learn(self, adapter: str | None, num_tokens: int, latency_ms: float) -> None:
@@ -484,6 +491,8 @@ def _order_by_compression(model: nn.Module, adapters: Sequence[str | None]) -> l
         raise ValueError(
             f"`adapters` must be a non-empty list of adapter names (None for uncompressed), got {adapters!r}."
         )
+    if not all(name is None or isinstance(name, str) for name in adapters):
+        raise ValueError(f"`adapters` must hold adapter names (str) or None for uncompressed, got {list(adapters)}.")
     if len(set(adapters)) != len(adapters):
         raise ValueError(f"`adapters` must not repeat a name, got {list(adapters)}.")
     loaded = getattr(model, "peft_config", None)
@@ -551,6 +560,11 @@ def _label(adapter: str | None) -> str:
 def _check_count(name: str, value: object) -> None:
     if isinstance(value, bool) or not isinstance(value, int) or value < 0:
         raise ValueError(f"`{name}` must be a non-negative integer, got {value!r}.")
+
+
+def _check_smoothing(smoothing: object) -> None:
+    if isinstance(smoothing, bool) or not isinstance(smoothing, (int, float)) or not 0.0 < smoothing <= 1.0:
+        raise ValueError(f"`smoothing` must be a number in (0, 1], got {smoothing!r}.")
 
 
 def _check_number(name: str, value: object, minimum: float, strict: bool = False) -> None:

@@ -588,3 +588,53 @@ def test_set_cost_model_refuses_an_adapter_not_scheduled(tiny_model):
     scheduler = RatioScheduler(tiny_model, [None, "ratio4"])
     with pytest.raises(ValueError, match="ratio8"):
         scheduler.set_cost_model("ratio8", 1.0, 1.0)
+
+
+def test_running_uncompressed_leaves_the_users_disable_adapter_block_disabled(tiny_model):
+    scheduler = RatioScheduler(tiny_model, [None, "ratio8"], latency_budget_ms=1e9)
+    for adapter in scheduler.adapters:
+        scheduler.set_cost_model(adapter, 1.0, 0.01)
+    batch = batch_of(2, 16)
+    with torch.inference_mode(), tiny_model.disable_adapter():
+        base = tiny_model(**batch).last_hidden_state
+        assert scheduler.run(batch)[1].adapter is None
+        torch.testing.assert_close(tiny_model(**batch).last_hidden_state, base, rtol=0, atol=0)
+
+
+def test_a_compressed_choice_inside_a_disable_adapter_block_is_refused_not_run_as_the_base_model(tiny_model):
+    scheduler = RatioScheduler(tiny_model, ["ratio8"], latency_budget_ms=1e9)
+    scheduler.set_cost_model("ratio8", 1.0, 0.01)
+    with tiny_model.disable_adapter(), pytest.raises(RuntimeError, match="adapters are disabled"):
+        scheduler.run(batch_of(2, 16))
+
+
+def test_serving_keeps_adapters_loaded_for_inference_frozen(tiny_model, tmp_path):
+    tiny_model.save_pretrained(tmp_path)
+    config = BertConfig(
+        vocab_size=100, hidden_size=32, num_hidden_layers=2, num_attention_heads=4, intermediate_size=64
+    )
+    from peft import PeftModel
+
+    loaded = PeftModel.from_pretrained(BertModel(config), tmp_path / "ratio2", adapter_name="ratio2")
+    loaded.load_adapter(tmp_path / "ratio8", adapter_name="ratio8")
+    assert not any(parameter.requires_grad for parameter in loaded.parameters())
+    scheduler = RatioScheduler(loaded, [None, "ratio2", "ratio8"], latency_budget_ms=1e9)
+    scheduler.calibrate(batch_of(2, 8), fractions=(1.0,), repeats=1)
+    for budget in (1e9, 1e-6):  # uncompressed, then ratio8
+        scheduler.latency_budget_ms = budget
+        scheduler.run(batch_of(2, 8))
+    assert loaded.active_adapter == "ratio8"
+    assert not any(parameter.requires_grad for parameter in loaded.parameters())
+
+
+@pytest.mark.parametrize(
+    ("keywords", "message"),
+    [
+        ({"smoothing": 0.0}, "`smoothing` must be a number in \\(0, 1\\]"),
+        ({"history": -1}, "`history` must be a non-negative integer"),
+        ({"adapters": [None, ["ratio2"]]}, "`adapters` must hold adapter names"),
+    ],
+)
+def test_bad_scheduler_settings_are_refused_when_it_is_built(tiny_model, keywords, message):
+    with pytest.raises(ValueError, match=message):
+        RatioScheduler(tiny_model, **{"adapters": ADAPTERS, **keywords})

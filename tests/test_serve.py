@@ -212,7 +212,7 @@ def test_requests_arriving_while_a_batch_runs_form_the_next_batch():
     async def scenario():
         await batcher.start()
         first = asyncio.ensure_future(batcher.submit(["a"]))
-        while not batcher.batch_sizes:  # the worker has taken "a" and is running it
+        while not batcher.batches:  # the worker has taken "a" and is running it
             await asyncio.sleep(0.001)
         later = asyncio.ensure_future(asyncio.gather(*(batcher.submit([text]) for text in "bcd")))
         await asyncio.sleep(0)
@@ -246,6 +246,40 @@ def test_a_failing_batch_fails_its_requests_and_the_batcher_keeps_serving():
     assert [text for text, _ in asyncio.run(scenario())] == ["z", "w"]
 
 
+def test_stopping_fails_the_running_the_queued_and_every_later_request():
+    started, release = threading.Event(), threading.Event()
+
+    def run_batch(texts, queue_delay_ms, backlog):
+        started.set()
+        release.wait(timeout=60)
+        return list(texts), None
+
+    batcher = serve.MicroBatcher(run_batch, max_batch_size=1, max_wait_ms=0.0)
+
+    async def scenario():
+        await batcher.start()
+        running = asyncio.ensure_future(batcher.submit(["running"]))
+        while not started.is_set():
+            await asyncio.sleep(0.001)
+        queued = asyncio.ensure_future(batcher.submit(["queued"]))
+        await asyncio.sleep(0)
+        await batcher.stop()
+        release.set()
+        outcomes = await asyncio.gather(running, queued, return_exceptions=True)
+        with pytest.raises(serve.BatcherStopped, match="not running"):
+            await batcher.submit(["later"])
+        return outcomes
+
+    outcomes = asyncio.wait_for(scenario(), timeout=60)
+    assert [type(outcome) for outcome in asyncio.run(outcomes)] == [serve.BatcherStopped, serve.BatcherStopped]
+
+
+def test_a_max_tokens_beyond_the_models_positions_is_refused_at_startup(minilm_path):
+    # all-MiniLM-L6-v2 takes 512 positions: a longer request would fail its whole batch in the model.
+    with pytest.raises(SystemExit, match="--max-tokens 600 is more than the model takes \\(512 tokens\\)"):
+        serve.build_service(model_path=minilm_path, max_tokens=600, max_batch_size=2, calibration_repeats=1)
+
+
 # --- bad requests ---------------------------------------------------------------------------------------------------
 
 
@@ -262,6 +296,7 @@ def test_a_failing_batch_fails_its_requests_and_the_batcher_keeps_serving():
         ({"texts": "not a list"}, 422, "texts: Input should be a valid list"),
         ({"txt": "typo"}, 422, "txt: Extra inputs are not permitted"),
         ({"text": "word " * 300}, 413, "longer than 256 tokens"),
+        ({"text": " " * 13_000 + "hello"}, 413, "longer than 12800 characters"),
         ({"texts": ["x"] * 65}, 413, "at most 64"),
     ],
 )
@@ -279,6 +314,13 @@ def test_a_body_that_is_not_a_json_object_gets_a_422(client, raw):
     response = client.post("/embed", content=raw, headers={"content-type": "application/json"})
     assert response.status_code == 422
     assert '{"text": "..."}' in response.json()["detail"]
+
+
+def test_a_lone_surrogate_in_valid_json_gets_a_422_naming_the_text(client):
+    raw = b'{"texts": ["fine", "\\udc80"]}'  # valid JSON, but no Unicode text a tokenizer takes
+    response = client.post("/embed", content=raw, headers={"content-type": "application/json"})
+    assert response.status_code == 422
+    assert response.json()["detail"].startswith('"texts"[1] is not valid Unicode text')
 
 
 def test_a_body_that_is_not_json_at_all_gets_a_422(client):
