@@ -254,9 +254,9 @@ def write_report(path: str, summary: dict, args: argparse.Namespace, command: st
         "# Serving under load: ratio switching",
         "",
         "`examples/serve.py` serves all-MiniLM-L6-v2 embeddings with Variator plugins of ratios 2, 4 and 8 "
-        "(untrained: this measures speed, not quality). Requests are micro-batched "
-        f"(up to {args.max_batch_size} texts, {args.max_wait_ms:g} ms wait), and `RatioScheduler` runs each batch "
-        f"with the least compression whose predicted latency plus queue delay fits a {budget:g} ms budget.",
+        "(untrained: this measures speed, not quality), started by this benchmark with these settings: requests are "
+        f"micro-batched (up to {args.max_batch_size} texts, {args.max_wait_ms:g} ms wait), and `RatioScheduler` runs "
+        f"each batch with the least compression whose predicted latency plus queue delay fits a {budget:g} ms budget.",
         "",
         f"Load: Poisson arrivals, {', '.join(f'{p.name} {p.load:g}x for {p.seconds:g} s' for p in summary['phases'])}"
         f" of the uncompressed capacity, measured closed loop at {summary['capacity_per_s']:.1f} requests/s. "

@@ -85,7 +85,7 @@ class VariatorModel(BaseTuner):
                 "`model.config.chunk_size_feed_forward = 0` first (the base model's outputs do not change)."
             )
         if peft_config.exact_last_token is None:
-            peft_config.exact_last_token = peft_config.task_type == "CAUSAL_LM" or _is_causal_lm(model)
+            peft_config.exact_last_token = peft_config.task_type == "CAUSAL_LM" or is_causal_lm(model)
         if peft_config.target_modules is None:
             hidden_size = hidden_size_of(self.get_model_config(model))
             found = []
@@ -224,9 +224,11 @@ class VariatorModel(BaseTuner):
         return self.model
 
 
-def _is_causal_lm(model: nn.Module) -> bool:
-    # transformers' own list of causal-LM classes, so GPT-2's `GPT2LMHeadModel` counts as well as `*ForCausalLM`.
-    return type(model).__name__ in set(MODEL_FOR_CAUSAL_LM_MAPPING_NAMES.values())
+def is_causal_lm(model: nn.Module) -> bool:
+    """Whether `model` (a transformers model, not a PeftModel) is a causal LM: a class in transformers' own list
+    (so GPT-2's `GPT2LMHeadModel` counts), or any `*ForCausalLM` (remote code, a subclass)."""
+    name = type(model).__name__
+    return name.endswith("ForCausalLM") or name in set(MODEL_FOR_CAUSAL_LM_MAPPING_NAMES.values())
 
 
 def _encoder_name(model: nn.Module) -> str | None:

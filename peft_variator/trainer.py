@@ -21,13 +21,13 @@ import torch.nn.functional as F
 from peft import PeftModel
 from torch import nn
 from transformers import Trainer
-from transformers.models.auto.modeling_auto import MODEL_FOR_CAUSAL_LM_MAPPING_NAMES
 from transformers.trainer_pt_utils import nested_detach
 
 from .architectures import layer_index
 from .config import VariatorConfig
 from .hub import complete_card, saved_adapters
 from .layer import VariatorLayer
+from .model import is_causal_lm
 from .padding import padding_context
 from .registration import PREFIX
 
@@ -486,4 +486,4 @@ def _compressed_layers(model: PeftModel, adapter: str) -> list[int]:
 def _is_causal_lm(model: PeftModel) -> bool:
     if any(config.task_type == "CAUSAL_LM" for config in model.peft_config.values()):
         return True
-    return type(model.get_base_model()).__name__ in MODEL_FOR_CAUSAL_LM_MAPPING_NAMES.values()
+    return is_causal_lm(model.get_base_model())

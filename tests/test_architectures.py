@@ -178,6 +178,17 @@ def test_causal_lms_keep_the_last_prompt_token_exact_unless_told_otherwise(tmp_p
     assert get_peft_model(base, explicit).peft_config["default"].exact_last_token is False
 
 
+def test_a_causal_lm_class_transformers_does_not_list_still_counts_as_one():
+    # Remote code and subclasses have names of their own; `*ForCausalLM` says what they are.
+    from transformers import LlamaForCausalLM
+
+    class CustomForCausalLM(LlamaForCausalLM):
+        pass
+
+    model = get_peft_model(CustomForCausalLM(DECODERS["llama"]), VariatorConfig())
+    assert model.peft_config["default"].exact_last_token is True
+
+
 def test_the_last_prompt_token_gets_the_exact_ffn_output():
     model = variator(AutoModelForCausalLM.from_config(DECODERS["llama"]), ratio=4)
     mlp = model.base_model.model.model.layers[1].mlp
