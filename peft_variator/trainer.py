@@ -221,7 +221,8 @@ class VariatorTrainer(Trainer):
         unlabelled.update(_decoder_inputs(peft_model, inputs))
         # With a label smoother or `compute_loss_func` the Trainer computes the task loss itself, from the logits of
         # a call without labels; so does this trainer.
-        external_task_loss = self.label_smoother is not None or self.compute_loss_func is not None
+        has_loss_function = self.label_smoother is not None or self.compute_loss_func is not None
+        external_task_loss = use_task_loss and "labels" in labels and has_loss_function
         student_inputs = inputs if use_task_loss and not external_task_loss else unlabelled
         active = peft_model.active_adapter
 
@@ -239,12 +240,10 @@ class VariatorTrainer(Trainer):
             _set_trainable(peft_model, self.trained_adapters)
             outputs = model(**student_inputs, output_hidden_states=True, return_dict=True)
             task_loss = None
-            if use_task_loss:
-                task_loss = (
-                    self._external_task_loss(outputs, inputs, num_items_in_batch)
-                    if external_task_loss
-                    else (outputs["loss"])
-                )
+            if external_task_loss:
+                task_loss = self._external_task_loss(outputs, inputs["labels"], num_items_in_batch)
+            elif use_task_loss:
+                task_loss = outputs["loss"]
             adapter_loss = self._adapter_loss(adapter, outputs, teacher, inputs, task_loss)
             loss = adapter_loss if loss is None else loss + adapter_loss
             # Predictions (`evaluate`, `predict`) are the active adapter's, or the first trained one's.
@@ -260,9 +259,8 @@ class VariatorTrainer(Trainer):
         return loss, type(reported)(**kept)
 
     def _external_task_loss(
-        self, outputs: Any, inputs: dict[str, Any], num_items_in_batch: torch.Tensor | int | None
+        self, outputs: Any, labels: torch.Tensor, num_items_in_batch: torch.Tensor | int | None
     ) -> torch.Tensor:
-        labels = inputs["labels"]
         if self.compute_loss_func is not None:
             return self.compute_loss_func(outputs, labels, num_items_in_batch=num_items_in_batch)
         return self.label_smoother(outputs, labels)

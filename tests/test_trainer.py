@@ -286,15 +286,21 @@ def test_a_model_without_variator_plugins_is_refused(tmp_path):
         VariatorTrainer(model=tiny_bert(), args=training_args(tmp_path))
 
 
-def test_task_loss_is_the_models_loss_for_the_trainers_label_names(tmp_path):
-    # Question answering has no `labels`: its loss comes from `start_positions` and `end_positions`.
+@pytest.mark.parametrize("label_smoothing_factor", [0.0, 0.1])
+def test_task_loss_is_the_models_loss_for_the_trainers_label_names(tmp_path, label_smoothing_factor):
+    # Question answering has no `labels`: its loss comes from `start_positions` and `end_positions`, and, as in the
+    # Trainer, from the model itself even with a label smoother (which reads `labels` only).
     model = get_peft_model(
         tiny_bert(model_class=BertForQuestionAnswering, num_labels=2),
         VariatorConfig(ratio=4, adapter_dim=8, modules_to_save=["qa_outputs"]),
     )
     randomize_plugins(model, std=0.2)
     trainer = VariatorTrainer(
-        model=model, args=training_args(tmp_path), task_weight=1.0, distill_weight=0.0, data_collator=collate
+        model=model,
+        args=training_args(tmp_path, label_smoothing_factor=label_smoothing_factor),
+        task_weight=1.0,
+        distill_weight=0.0,
+        data_collator=collate,
     )
     assert trainer.label_names == ["start_positions", "end_positions"]
     batch = collate([token_dataset(4, "none")[i] for i in range(4)])
