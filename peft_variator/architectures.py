@@ -71,14 +71,19 @@ def ffn_role(module: nn.Module, hidden_size: int | None) -> str | None:
 
 def more_than_an_ffn(module: nn.Module, hidden_size: int | None) -> str | None:
     """Why a module that `ffn_role` calls a whole FFN is more than one (a transformer layer, an FFN block with its
-    norm and residual), or None. Compressing it would compress attention or the residual stream as well."""
+    norm and residual), or None. Compressing it would compress attention or the residual stream as well. A
+    mixture-of-experts block, which holds FFNs (shared experts) next to other per-token weights (router, experts),
+    is one FFN for Variator."""
     if hidden_size is None:
         return None
-    for name, child in module.named_modules():
-        if name and _is_whole_ffn(child, hidden_size):
-            return f"it contains the FFN {name!r}"
     if any(inp == out == hidden_size for inp, out in linear_shapes(module)):
         return "it has hidden -> hidden projections, as attention does"
+    for name, child in module.named_modules():
+        if name and _is_whole_ffn(child, hidden_size):
+            inside = {id(parameter) for parameter in child.parameters()}
+            around = [parameter for parameter in module.parameters() if id(parameter) not in inside]
+            if all(parameter.dim() <= 1 for parameter in around):
+                return f"it is the FFN {name!r} with what surrounds it (norms, the residual)"
     return None
 
 

@@ -85,7 +85,7 @@ class VariatorLayer(nn.Module, BaseTunerLayer):
 
     def active_plugin(self) -> str | None:
         """Name of the adapter whose plugin runs, or None when the layer runs as the base model."""
-        if self.disable_adapters or self.padding.plugins_bypassed:
+        if self.disable_adapters:
             return None
         active = [name for name in self.active_adapters if name in self.ratio]
         if len(active) > 1:

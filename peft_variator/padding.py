@@ -2,13 +2,14 @@
 
 PEFT tuner layers only receive the hidden states. Variator must know which tokens are padding, so the model's own
 entry points (the top model, its inner base model, and the encoder that encoder-decoder `generate()` calls directly)
-get their `forward` wrapped, on the instance, by one that records the 2-D attention mask of the call. Layers read it
-from the shared `PaddingContext`, which also memoises the group layout per ratio, so the layers of one forward share
-one plan. Not a forward pre-hook: sentence-transformers calls `forward` directly, which skips hooks.
+record the 2-D attention mask of each call: through a forward pre-hook, which sees every call through `module(...)`
+whatever `forward` has become (accelerate's hooks replace it), and through a wrapper of `forward` set on the instance,
+for callers that skip the hooks by calling `forward` directly (sentence-transformers). Layers read the mask from the
+shared `PaddingContext`, which also memoises the group layout per ratio, so the layers of one forward share one plan.
 
-Each entry point holds the context as an attribute and its wrapper looks it up on the module it wraps, never through
-a closure: `copy.deepcopy` and pickling copy the wrapper with the module, so a copied model's wrappers find the copy's
-own context, and unloading one model must not touch another.
+Each entry point holds the context as an attribute, and the recorders look it up on the module they are called for,
+never through a closure: `copy.deepcopy` and pickling copy them with the module, so a copied model's recorders find
+the copy's own context, and unloading one model must not touch another.
 
 The last mask stays recorded after the forward returns: gradient checkpointing re-runs layers during backward,
 outside any model forward, and must see the same grouping.
@@ -16,10 +17,9 @@ outside any model forward, and must see the same grouping.
 
 from __future__ import annotations
 
-import contextlib
+import functools
 import inspect
 import threading
-from collections.abc import Iterator
 from typing import Any
 
 import torch
@@ -56,8 +56,6 @@ class PaddingContext:
         # the last prompt token and the generated tokens do at inference. For every thread (checkpointed layers are
         # recomputed on autograd's), and only where the adapter keeps the last token exact.
         self.decode_tokens = 0
-        # Set by `bypass_plugins`: every layer runs as the base model, whatever adapter is active or enabled.
-        self.plugins_bypassed = False
 
     def __deepcopy__(self, memo: dict) -> PaddingContext:
         # Recorded masks belong to the original's forwards; a copied model (its entry points and layers, through
@@ -67,17 +65,6 @@ class PaddingContext:
     def __reduce__(self) -> tuple:
         # Likewise for pickling (`torch.save(model)`); thread-local storage cannot be pickled anyway.
         return type(self), ()
-
-    @contextlib.contextmanager
-    def bypass_plugins(self) -> Iterator[None]:
-        """Run the base model without touching the adapters' state. PEFT's `disable_adapter_layers` visits every
-        layer, and re-enabling marks the active adapter trainable again, even one loaded for inference: a serving loop
-        that runs uncompressed between compressed batches wants neither. Model-wide, like the active adapter."""
-        previous, self.plugins_bypassed = self.plugins_bypassed, True
-        try:
-            yield
-        finally:
-            self.plugins_bypassed = previous
 
     def record(self, attention_mask: torch.Tensor | None, batch_size: int | None = None) -> None:
         if attention_mask is not None and attention_mask.dim() != 2:
@@ -157,20 +144,26 @@ def _version_of(mask: torch.Tensor | None) -> int | None:
 
 
 def padding_context(model: nn.Module) -> PaddingContext:
-    """The model's padding context, attaching it and its mask-recording `forward` wrappers on first use."""
+    """The model's padding context, attaching it and its mask recorders on first use."""
     context = getattr(model, _CONTEXT_ATTRIBUTE, None)
     if context is None:
         context = PaddingContext()
         object.__setattr__(model, _CONTEXT_ATTRIBUTE, context)
         for entry_point in _entry_points(model):
             object.__setattr__(entry_point, _CONTEXT_ATTRIBUTE, context)
+            entry_point.register_forward_pre_hook(_record, with_kwargs=True)
             object.__setattr__(entry_point, "forward", _MaskRecordingForward(entry_point))
     return context
 
 
 def detach_padding_context(model: nn.Module) -> None:
-    """Remove the wrappers and the context, leaving the model as it was before Variator touched it."""
+    """Remove the recorders and the context, leaving the model as it was before Variator touched it."""
     for module in {id(m): m for m in (model, *_entry_points(model))}.values():
+        # Removed by key, as `RemovableHandle.remove` does: a deep copy's hooks have no handle of their own.
+        for hook_id, hook in list(module._forward_pre_hooks.items()):
+            if hook is _record:
+                del module._forward_pre_hooks[hook_id]
+                module._forward_pre_hooks_with_kwargs.pop(hook_id, None)
         wrapper = vars(module).get("forward")
         if isinstance(wrapper, _MaskRecordingForward):
             if wrapper.inner is None:
@@ -193,8 +186,46 @@ def _entry_points(model: nn.Module) -> list[nn.Module]:
     return entry_points
 
 
+@torch.compiler.disable
+def _record(module: nn.Module, args: tuple, kwargs: dict) -> None:
+    """Record the padding mask (and batch size) of a call of entry point `module` with `args` / `kwargs`.
+
+    The forward pre-hook of each entry point: it sees every call through `module(...)`, whatever `forward` is by then
+    (accelerate's hooks replace it), on the module actually called (a copy, a replica). Outside `torch.compile`'s
+    tracing: it only reads the call's arguments and writes the context, and inside a graph each of its checks would
+    be a guard or a break.
+    """
+    context = getattr(module, _CONTEXT_ATTRIBUTE, None)
+    if context is None:
+        return
+    positions = _argument_positions(type(module))
+
+    def argument(name: str) -> Any:
+        if name in kwargs:
+            return kwargs[name]
+        position = positions.get(name)
+        return args[position] if position is not None and position < len(args) else None
+
+    # The batch size lets layers regroup tokens that an architecture flattens before its FFN (OPT).
+    batch_size = None
+    for name in ("input_ids", "inputs_embeds"):
+        value = argument(name)
+        if isinstance(value, torch.Tensor) and value.dim() >= 2:
+            batch_size = value.shape[0]
+            break
+    context.record(argument("attention_mask"), batch_size)
+
+
+@functools.cache
+def _argument_positions(module_class: type) -> dict[str, int]:
+    parameters = list(inspect.signature(module_class.forward).parameters)[1:]  # after `self`
+    return {name: index for index, name in enumerate(parameters)}
+
+
 class _MaskRecordingForward:
-    """An entry point's `forward`, set on the instance: records the call's padding mask, then runs the forward.
+    """An entry point's `forward`, set on the instance, for callers that skip `__call__` and so the pre-hook:
+    sentence-transformers calls `forward` directly. Records the call's mask, then runs the forward (a second record
+    of the same call, after the pre-hook's, is recognised as such).
 
     Holds its module (not a bound method) so deep copies and pickles of the model rebuild it around the copy. Wraps
     an instance-level `forward` already in place (accelerate's device-map hooks) and puts it back on detach.
@@ -203,28 +234,14 @@ class _MaskRecordingForward:
     def __init__(self, module: nn.Module) -> None:
         self.module = module
         self.inner = vars(module).get("forward")
-        signature = inspect.signature(module.forward)
         # Callers read the forward's parameters (transformers' `generate`, the Trainer's column filter).
-        self.__signature__ = signature
-        self.positions = {name: index for index, name in enumerate(signature.parameters)}
+        self.__signature__ = inspect.signature(module.forward)
 
     def __call__(self, *args: Any, **kwargs: Any) -> Any:
-        context = getattr(self.module, _CONTEXT_ATTRIBUTE, None)
-        if context is not None:
-            # The batch size lets layers regroup tokens that an architecture flattens before its FFN (OPT).
-            batch_size = None
-            for name in ("input_ids", "inputs_embeds"):
-                value = self._argument(name, args, kwargs)
-                if isinstance(value, torch.Tensor) and value.dim() >= 2:
-                    batch_size = value.shape[0]
-                    break
-            context.record(self._argument("attention_mask", args, kwargs), batch_size)
+        if args and args[0] is self.module:
+            # Rebound as a method (accelerate's `unwrap_model` does `MethodType(forward, model)`).
+            args = args[1:]
+        _record(self.module, args, kwargs)
         if self.inner is not None:
             return self.inner(*args, **kwargs)
         return type(self.module).forward(self.module, *args, **kwargs)
-
-    def _argument(self, name: str, args: tuple, kwargs: dict) -> Any:
-        if name in kwargs:
-            return kwargs[name]
-        position = self.positions.get(name)
-        return args[position] if position is not None and position < len(args) else None

@@ -122,13 +122,16 @@ class VariatorTrainer(Trainer):
         self.logits_weight = float(logits_weight)
         self.logits_temperature = float(logits_temperature)
         self._is_causal_lm = _is_causal_lm(model)
-        self._is_encoder_decoder = bool(getattr(model.get_base_model().config, "is_encoder_decoder", False))
+        base_config = getattr(model.get_base_model(), "config", None)
+        self._is_encoder_decoder = bool(getattr(base_config, "is_encoder_decoder", False))
         self.decode_tokens = _decode_tokens(model, self.trained_adapters, self._is_causal_lm, decode_tokens)
         self._compressed_layers = {name: _compressed_layers(model, name) for name in self.trained_adapters}
         _set_trainable(model, self.trained_adapters)
         training_args = kwargs.get("args", args[1] if len(args) > 1 else None)
         if len(self.trained_adapters) > 1 and training_args is not None:
-            _refuse_checkpointing(bool(getattr(training_args, "activation_checkpointing", False)))
+            _refuse_checkpointing(
+                _is_checkpointing(training_args, flags=("activation_checkpointing", "gradient_checkpointing"))
+            )
             # With several students per batch, DDP's search for unused parameters (the Trainer's default for PEFT
             # models) walks only the last student's graph and then marks the other students' parameters ready a
             # second time. Every trained adapter gets a gradient from the summed loss, so the search is not needed.
@@ -154,7 +157,8 @@ class VariatorTrainer(Trainer):
         # silently left at the last step's weights. Resuming reads subfolders, so the best checkpoint is loaded alike.
         checkpoint = self.state.best_model_checkpoint
         peft_model = self.accelerator.unwrap_model(self.model)
-        if any(name != "default" for name in saved_adapters(peft_model, checkpoint)):
+        sharded = self.is_deepspeed_enabled or self.is_fsdp_enabled  # their own loading, left to the Trainer
+        if not sharded and any(name != "default" for name in saved_adapters(peft_model, checkpoint)):
             self._load_from_checkpoint(checkpoint)
             _set_trainable(peft_model, self.trained_adapters)
         else:
@@ -203,7 +207,9 @@ class VariatorTrainer(Trainer):
     ) -> torch.Tensor | tuple[torch.Tensor, Any]:
         peft_model = self.accelerator.unwrap_model(model)
         self._check_checkpointing(peft_model)
-        labels = {name: inputs[name] for name in self.label_names if inputs.get(name) is not None}
+        # A forward taking `**kwargs` (remote code) gives the Trainer no label names; it still trains on `labels`.
+        label_names = self.label_names or ["labels"]
+        labels = {name: inputs[name] for name in label_names if inputs.get(name) is not None}
         use_task_loss = self.task_weight > 0 and bool(labels)
         if use_task_loss and self._is_causal_lm:
             raise ValueError(
@@ -213,7 +219,7 @@ class VariatorTrainer(Trainer):
             )
         if not use_task_loss and self.distill_weight == self.logits_weight == 0:
             raise ValueError(
-                f"This batch has no labels ({self.label_names or 'no `label_names`'}), and `task_weight` is the only "
+                f"This batch has no labels ({label_names}), and `task_weight` is the only "
                 "nonzero loss weight: there is nothing to train on. Give the batches labels (or set "
                 "`TrainingArguments(label_names=...)`), or set `distill_weight` / `logits_weight` > 0."
             )
@@ -313,10 +319,14 @@ class VariatorTrainer(Trainer):
         return mask
 
 
-def _is_checkpointing(model: nn.Module) -> bool:
-    # transformers 5 renamed the flag (the old name warns); older releases have only the old one.
-    flag = getattr(model, "is_activation_checkpointing", None)
-    return bool(getattr(model, "is_gradient_checkpointing", False) if flag is None else flag)
+def _is_checkpointing(
+    owner: Any, flags: tuple[str, str] = ("is_activation_checkpointing", "is_gradient_checkpointing")
+) -> bool:
+    """A model's (or `TrainingArguments`') checkpointing flag: transformers 5 renamed it (the old name warns), and
+    earlier 5.x releases have only the old one."""
+    new, old = flags
+    flag = getattr(owner, new, None)
+    return bool(getattr(owner, old, False) if flag is None else flag)
 
 
 def _refuse_checkpointing(checkpointing: bool) -> None:

@@ -215,6 +215,7 @@ def test_unload_returns_the_untouched_base_model():
     assert set(restored.state_dict()) == keys
     assert not any(isinstance(module, VariatorLayer) for module in restored.modules())
     assert not any("forward" in vars(module) or "_variator_padding" in vars(module) for module in restored.modules())
+    assert not any(module._forward_pre_hooks for module in restored.modules())
     assert torch.equal(hidden(restored, batch), reference)
 
 
@@ -469,7 +470,7 @@ def test_unloading_a_deep_copy_leaves_the_original_working_and_the_copy_bare():
     torch.testing.assert_close(hidden(model, second), expected)
     # ... and the unloaded copy keeps no Variator forward wrapper or attribute.
     for module in unloaded.modules():
-        assert "forward" not in vars(module)
+        assert "forward" not in vars(module) and not module._forward_pre_hooks
         assert "_variator_padding" not in vars(module)
 
 
@@ -514,7 +515,7 @@ def test_a_pickled_model_loads_with_the_same_outputs(tmp_path):
     [
         (["up_proj", "down_proj"], r"'model.layers.0.mlp.up_proj' is not the first half of an FFN on its own"),
         (["gate_proj", "down_proj"], r"\['up_proj'\] next to it read the same hidden states"),
-        (r"model\.layers\.\d+", r"'model.layers.0' \(LlamaDecoderLayer\) is more than one: it contains the FFN 'mlp'"),
+        (r"model\.layers\.\d+", r"'model.layers.0' \(LlamaDecoderLayer\) is more than one: it has hidden -> hidden"),
     ],
 )
 def test_targets_that_are_not_exactly_an_ffn_are_refused_naming_the_module(target_modules, message):
@@ -527,6 +528,14 @@ def test_targets_that_are_not_exactly_an_ffn_are_refused_naming_the_module(targe
 def test_a_whole_bert_layer_is_refused_for_its_attention_projections():
     with pytest.raises(ValueError, match="hidden -> hidden projections"):
         get_peft_model(tiny_bert(), VariatorConfig(target_modules=r"encoder\.layer\.\d+"))
+
+
+def test_an_ffn_block_with_its_norm_and_residual_is_refused():
+    from transformers import T5Config, T5EncoderModel
+
+    config = T5Config(vocab_size=100, d_model=32, d_kv=8, d_ff=64, num_layers=2, num_heads=4)
+    with pytest.raises(ValueError, match="is the FFN 'DenseReluDense' with what surrounds it"):
+        get_peft_model(T5EncoderModel(config), VariatorConfig(target_modules=r"encoder\.block\.\d+\.layer\.1"))
 
 
 def test_decoder_ffns_of_an_encoder_decoder_are_refused():
@@ -544,3 +553,43 @@ def test_static_cache_generation_is_refused_with_the_cache_to_use():
     batch = inputs()
     with pytest.raises(ValueError, match="default dynamic cache"):
         model.generate(**batch, max_new_tokens=2, cache_implementation="static")
+
+
+def test_padding_is_still_recorded_after_accelerate_replaces_the_forward():
+    # accelerate's hooks set `forward` on the instance, over Variator's wrapper; the mask must still be recorded.
+    from accelerate import dispatch_model
+    from accelerate.hooks import AlignDevicesHook, add_hook_to_module
+
+    model = get_peft_model(dispatch_model(tiny_bert(), device_map={"": "cpu"}, force_hooks=True), VariatorConfig())
+    randomize_plugins(model)
+    add_hook_to_module(model.get_base_model(), AlignDevicesHook(io_same_device=True))  # re-hooked
+    padded = inputs()
+    alone = {key: value[:1, :7] for key, value in padded.items()}
+    hidden(model, inputs(batch=2, seq_len=11))  # a call with another mask first
+    torch.testing.assert_close(hidden(model, padded)[0, :7], hidden(model, alone)[0], rtol=0, atol=1e-5)
+
+
+def test_the_forward_wrapper_rebound_as_a_method_still_runs():
+    # accelerate's `unwrap_model(keep_fp32_wrapper=False)` rebinds `forward` with `MethodType(forward, model)`.
+    import types
+
+    base = tiny_bert()
+    model = get_peft_model(base, VariatorConfig())
+    batch = inputs()
+    expected = hidden(model, batch)
+    base.forward = types.MethodType(vars(base)["forward"], base)
+    torch.testing.assert_close(hidden(model, batch), expected, rtol=0, atol=0)
+
+
+def test_a_mixture_of_experts_block_is_one_ffn_target():
+    from transformers import DeepseekV3Config, DeepseekV3ForCausalLM
+
+    config = DeepseekV3Config(
+        vocab_size=100, hidden_size=32, intermediate_size=64, moe_intermediate_size=16, num_hidden_layers=2,
+        first_k_dense_replace=0, num_attention_heads=4, num_key_value_heads=4, n_routed_experts=4,
+        num_experts_per_tok=2, n_shared_experts=1, n_group=1, topk_group=1, kv_lora_rank=8, q_lora_rank=8,
+        qk_rope_head_dim=4, qk_nope_head_dim=4, v_head_dim=8,
+    )  # fmt: skip
+    model = get_peft_model(DeepseekV3ForCausalLM(config), VariatorConfig(ratio=2, target_modules=["mlp"]))
+    assert sum(isinstance(module, VariatorLayer) for module in model.modules()) == 2
+    assert model(input_ids=torch.randint(1, 100, (2, 8))).logits.shape == (2, 8, 100)

@@ -638,3 +638,35 @@ def test_serving_keeps_adapters_loaded_for_inference_frozen(tiny_model, tmp_path
 def test_bad_scheduler_settings_are_refused_when_it_is_built(tiny_model, keywords, message):
     with pytest.raises(ValueError, match=message):
         RatioScheduler(tiny_model, **{"adapters": ADAPTERS, **keywords})
+
+
+def test_uncompressed_runs_the_base_models_head_whatever_adapter_ran_before():
+    # Each adapter trains its own copy of the head (`modules_to_save`); uncompressed is the base model, head included.
+    from transformers import BertForSequenceClassification
+
+    config = BertConfig(
+        vocab_size=100, hidden_size=32, num_hidden_layers=2, num_attention_heads=4, intermediate_size=64
+    )
+    model = get_peft_model(
+        BertForSequenceClassification(config),
+        VariatorConfig(ratio=2, adapter_dim=8, modules_to_save=["classifier"]),
+        adapter_name="ratio2",
+    )
+    model.add_adapter("ratio4", VariatorConfig(ratio=4, adapter_dim=8, modules_to_save=["classifier"]))
+    for name, parameter in model.named_parameters():
+        if "modules_to_save" in name:
+            torch.nn.init.normal_(parameter, std=1.0)
+    model.eval()
+    batch = batch_of(2, 12)
+    with torch.no_grad(), model.disable_adapter():
+        base = model(**batch).logits
+    scheduler = RatioScheduler(model, [None, "ratio2", "ratio4"], latency_budget_ms=1e9)
+    scheduler.calibrate(batch, fractions=(1.0,), repeats=1)
+    for compressed in ("ratio2", "ratio4"):
+        scheduler.latency_budget_ms = 1e-6
+        assert scheduler.run(batch)[1].adapter == "ratio4"
+        model.set_adapter(compressed)
+        scheduler.latency_budget_ms = 1e9
+        output, decision = scheduler.run(batch)
+        assert decision.adapter is None
+        torch.testing.assert_close(output.logits, base, rtol=0, atol=0)

@@ -312,6 +312,23 @@ def test_task_loss_is_the_models_loss_for_the_trainers_label_names(tmp_path, lab
     assert distillation_loss(trainer, batch) == pytest.approx(expected.item(), rel=1e-5)
 
 
+def test_task_loss_uses_labels_when_the_forward_names_no_label_arguments(tmp_path):
+    # A forward taking `**kwargs` (remote code) gives the Trainer no `label_names`; it still trains on `labels`.
+    class KeywordsOnly(BertForSequenceClassification):
+        def forward(self, **kwargs):
+            return super().forward(**kwargs)
+
+    model = get_peft_model(
+        tiny_bert(model_class=KeywordsOnly), VariatorConfig(ratio=4, adapter_dim=8, modules_to_save=["classifier"])
+    )
+    trainer = VariatorTrainer(model=model, args=training_args(tmp_path), distill_weight=0.0, data_collator=collate)
+    assert trainer.label_names == []
+    batch = collate([token_dataset(4)[i] for i in range(4)])
+    with torch.no_grad():
+        expected = model(**batch).loss
+    assert distillation_loss(trainer, batch) == pytest.approx(expected.item(), rel=1e-5)
+
+
 def test_label_smoothing_factor_smooths_the_task_loss(tmp_path):
     model = variator_bert()
     randomize_plugins(model)
