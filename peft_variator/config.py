@@ -110,24 +110,23 @@ class VariatorConfig(PeftConfig):
 
 
 def _layer_indices(value: object) -> int | list[int]:
-    """`layers_to_transform` as an int or a sorted list of ints, as it is saved to JSON: any iterable of indices
-    (`range(1, 30)`, a tuple, a set, numpy integers) is accepted."""
+    """`layers_to_transform` as an int or a sorted list of distinct ints, as it is saved to JSON: any iterable of
+    indices (`range(1, 30)`, a tuple, a set, numpy integers) is accepted."""
     error = ValueError(f"`layers_to_transform` must be a non-negative int or a list of them, got {value!r}.")
     if isinstance(value, (str, bytes)):
         raise error
     try:
-        single = _index(value)
+        indices = [_index(value)]
+        single = True
     except TypeError:
-        single = None
-    try:
-        indices = [single] if single is not None else [_index(item) for item in value]
-    except TypeError:
-        raise error from None
+        single = False
+        try:
+            indices = [_index(item) for item in value]
+        except TypeError:
+            raise error from None
     if any(index < 0 for index in indices):
         raise error
-    if single is not None:
-        return single
-    return indices if isinstance(value, list) else sorted(indices)
+    return indices[0] if single else sorted(set(indices))
 
 
 def _index(value: object) -> int:

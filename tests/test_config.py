@@ -69,5 +69,8 @@ def test_layers_to_transform_takes_any_iterable_of_indices_and_saves_as_json(tmp
     assert config.ratio == 4 and type(config.ratio) is int
     assert config.layers_to_transform == [1, 2, 3]
     assert VariatorConfig(layers_to_transform=np.int64(2)).layers_to_transform == 2
+    # Every iterable, a list too, is saved the same way: sorted, each layer once.
+    assert VariatorConfig(layers_to_transform=[3, 1, 3]).layers_to_transform == [1, 3]
+    assert VariatorConfig(layers_to_transform=(3, 1)).layers_to_transform == [1, 3]
     config.save_pretrained(tmp_path)
     assert VariatorConfig.from_pretrained(tmp_path).layers_to_transform == [1, 2, 3]
