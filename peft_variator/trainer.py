@@ -224,7 +224,8 @@ class VariatorTrainer(Trainer):
                 "`TrainingArguments(label_names=...)`), or set `distill_weight` / `logits_weight` > 0."
             )
         unlabelled = {key: value for key, value in inputs.items() if key not in labels}
-        unlabelled.update(_decoder_inputs(peft_model, inputs))
+        if self._is_encoder_decoder:
+            unlabelled.update(_decoder_inputs(peft_model, inputs))
         # With a label smoother or `compute_loss_func` the Trainer computes the task loss itself, from the logits of
         # a call without labels; so does this trainer.
         has_loss_function = self.label_smoother is not None or self.compute_loss_func is not None
@@ -422,7 +423,6 @@ def _decoder_inputs(model: PeftModel, inputs: dict[str, Any]) -> dict[str, torch
     labels = inputs.get("labels")
     if (
         labels is None
-        or not getattr(base.config, "is_encoder_decoder", False)
         or inputs.get("decoder_input_ids") is not None
         or inputs.get("decoder_inputs_embeds") is not None
         or not hasattr(base, "prepare_decoder_input_ids_from_labels")

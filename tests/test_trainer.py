@@ -156,6 +156,17 @@ def distillation_loss(trainer: VariatorTrainer, batch: dict[str, torch.Tensor]) 
         return trainer.compute_loss(trainer.model, dict(batch)).item()
 
 
+def task_loss_plus_mse(model, batch, task_weight: float, distill_weight: float, states: str) -> float:
+    """The loss VariatorTrainer should report, computed by hand: the model's own loss plus the MSE of the last of
+    `states` against the same model with its plugins disabled, over real tokens."""
+    with torch.no_grad():
+        with model.disable_adapter():
+            teacher = model(**batch, output_hidden_states=True)
+        student = model(**batch, output_hidden_states=True)
+        mse = masked_mse(student[states][-1], teacher[states][-1], batch["attention_mask"])
+        return (task_weight * student.loss + distill_weight * mse).item()
+
+
 # The loss
 
 
@@ -185,14 +196,8 @@ def test_loss_is_task_loss_plus_weighted_hidden_state_mse_of_the_last_layer(tmp_
         model=model, args=training_args(tmp_path), distill_weight=3.0, task_weight=0.5, data_collator=collate
     )
     batch = collate([token_dataset(4)[i] for i in range(4)])
-    with torch.no_grad():
-        with model.disable_adapter():
-            teacher = model(**batch, output_hidden_states=True)
-        student = model(**batch, output_hidden_states=True)
-        expected = 0.5 * student.loss + 3.0 * masked_mse(
-            student.hidden_states[-1], teacher.hidden_states[-1], batch["attention_mask"]
-        )
-    assert distillation_loss(trainer, batch) == pytest.approx(expected.item(), rel=1e-5)
+    expected = task_loss_plus_mse(model, batch, task_weight=0.5, distill_weight=3.0, states="hidden_states")
+    assert distillation_loss(trainer, batch) == pytest.approx(expected, rel=1e-5)
 
 
 def test_padded_tokens_do_not_enter_the_distillation_loss(tmp_path):
@@ -421,14 +426,8 @@ def test_encoder_decoder_loss_from_input_ids_and_labels_is_task_loss_plus_encode
     )
     batch = collate([token_dataset(4, "lm")[i] for i in range(4)])
     assert set(batch) == {"input_ids", "attention_mask", "labels"}
-    with torch.no_grad():
-        with model.disable_adapter():
-            teacher = model(**batch, output_hidden_states=True)
-        student = model(**batch, output_hidden_states=True)
-        expected = 0.5 * student.loss + 3.0 * masked_mse(
-            student.encoder_hidden_states[-1], teacher.encoder_hidden_states[-1], batch["attention_mask"]
-        )
-    assert distillation_loss(trainer, batch) == pytest.approx(expected.item(), rel=1e-5)
+    expected = task_loss_plus_mse(model, batch, task_weight=0.5, distill_weight=3.0, states="encoder_hidden_states")
+    assert distillation_loss(trainer, batch) == pytest.approx(expected, rel=1e-5)
 
 
 def test_encoder_decoder_plugins_train_by_distillation_on_input_ids_and_labels(tmp_path):
