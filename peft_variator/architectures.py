@@ -6,6 +6,7 @@ import logging
 import re
 from dataclasses import dataclass
 
+import torch
 from torch import nn
 
 logger = logging.getLogger(__name__)
@@ -84,7 +85,18 @@ def more_than_an_ffn(module: nn.Module, hidden_size: int | None) -> str | None:
             around = [parameter for parameter in module.parameters() if id(parameter) not in inside]
             if all(parameter.dim() <= 1 for parameter in around):
                 return f"it is the FFN {name!r} with what surrounds it (norms, the residual)"
+    for name, child in module.named_modules():
+        if name and _normalizes_hidden_states(child, hidden_size):
+            # A norm over hidden-size vectors inside an FFN block sits at its input or output, with the residual
+            # (Funnel and XLNet: `layer_norm(x + ffn(x))`); one inside the FFN would normalise intermediate vectors.
+            return f"it normalises hidden states itself ({name!r}), as an FFN block with its residual does"
     return None
+
+
+def _normalizes_hidden_states(module: nn.Module, hidden_size: int) -> bool:
+    weight = getattr(module, "weight", None)
+    is_norm = isinstance(module, (nn.LayerNorm, nn.RMSNorm)) or "norm" in type(module).__name__.lower()
+    return is_norm and isinstance(weight, torch.Tensor) and tuple(weight.shape) == (hidden_size,)
 
 
 def parallel_inputs(parent: nn.Module, half: str) -> list[str]:

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import copy
+
 from peft.tuners.tuners_utils import BaseTuner, check_target_module_exists
 from torch import nn
 from transformers.models.auto.modeling_auto import MODEL_FOR_CAUSAL_LM_MAPPING_NAMES
@@ -134,7 +136,8 @@ class VariatorModel(BaseTuner):
             if reason is not None:
                 raise ValueError(
                     f"Variator targets must be FFNs, but {key!r} ({type(module).__name__}) is more than one: "
-                    f"{reason}. Target the FFN inside it."
+                    f"{reason}. Target the FFN inside it, or its two linear layers (hidden -> intermediate and "
+                    "intermediate -> hidden) as the halves of a split FFN."
                 )
             if role == "input":
                 parent_key, _, half = key.rpartition(".")
@@ -150,10 +153,16 @@ class VariatorModel(BaseTuner):
 
     @staticmethod
     def _check_target_module_exists(peft_config: VariatorConfig, key: str):
-        found = check_target_module_exists(peft_config, key)
-        # PEFT applies `layers_to_transform` only to names matched by suffix: neither to a regex (Variator's defaults
-        # by model type) nor to an exact full name (the FFNs Variator finds by structure). Applied here to all.
-        if found and peft_config.layers_to_transform is not None:
+        if peft_config.layers_to_transform is None:
+            return check_target_module_exists(peft_config, key)
+        # PEFT applies `layers_to_transform` only to names matched by suffix (neither to a regex, Variator's defaults
+        # by model type, nor to an exact full name, the FFNs Variator finds by structure), and there it finds no layer
+        # index in a layer list at the model's root (`layers.1.mlp` of a bare `LlamaModel`). Matched here without
+        # it, and the layer rule applied to every match.
+        without_layers = copy.copy(peft_config)
+        without_layers.layers_to_transform = None
+        found = check_target_module_exists(without_layers, key)
+        if found:
             found = layer_index(key, peft_config.layers_pattern) in _as_list(peft_config.layers_to_transform)
         return found
 

@@ -31,14 +31,31 @@ _CONTEXT_ATTRIBUTE = "_variator_padding"
 
 
 class _Recorded:
-    """One thread's recorded mask (and batch size) and the group layouts planned from it."""
+    """One thread's recorded call of the model and the group layouts planned from it.
 
-    def __init__(self, mask: torch.Tensor | None = None, batch_size: int | None = None) -> None:
+    Attributes:
+        mask: the 2-D padding mask, None when the call had none.
+        batch_size: sequences in the call, None when unknown.
+        continues_cache: the call was given a KV cache, so its mask may also cover tokens of earlier calls.
+        logits_kept: how many of each sequence's last positions the caller reads logits of (`logits_to_keep`, which
+            `generate()` sets: 1 per step, and the candidates + 1 in assisted or prompt-lookup decoding); 0 for all
+            or unknown.
+    """
+
+    def __init__(
+        self,
+        mask: torch.Tensor | None = None,
+        batch_size: int | None = None,
+        continues_cache: bool = False,
+        logits_kept: int = 0,
+    ) -> None:
         self.mask = mask
         self.mask_version = _version_of(mask)
         # Layouts planned under inference mode are inference tensors, which autograd cannot save for backward.
         self.inference_mode = torch.is_inference_mode_enabled()
         self.batch_size = mask.shape[0] if mask is not None else batch_size
+        self.continues_cache = continues_cache
+        self.logits_kept = logits_kept
         self.layouts: dict[tuple[int, int, int, bool, torch.device], GroupLayout] = {}
 
 
@@ -66,7 +83,13 @@ class PaddingContext:
         # Likewise for pickling (`torch.save(model)`); thread-local storage cannot be pickled anyway.
         return type(self), ()
 
-    def record(self, attention_mask: torch.Tensor | None, batch_size: int | None = None) -> None:
+    def record(
+        self,
+        attention_mask: torch.Tensor | None,
+        batch_size: int | None = None,
+        continues_cache: bool = False,
+        logits_kept: int = 0,
+    ) -> None:
         if attention_mask is not None and attention_mask.dim() != 2:
             raise ValueError(
                 "Variator needs a 2-D padding mask `attention_mask` of shape (batch, seq_len) to group real tokens, "
@@ -75,17 +98,37 @@ class PaddingContext:
                 "default dynamic cache."
             )
         current = getattr(self._local, "recorded", None)
-        # Nested entry points (a PeftModel, then its base model) record the same call twice: the same mask, not
-        # written to since (its version counter), or no mask at all. Keep the first record and the layouts already
-        # planned from it, unless the second knows the batch size the first did not.
-        nested = current is not None and current.inference_mode == torch.is_inference_mode_enabled()
-        if nested and current.mask is attention_mask:
-            if attention_mask is None:
+        # Nested entry points (a causal LM, then its inner base model) record the same call again, while the first is
+        # still running (`_calls_running`, counted by `enter` / `leave`); a call after the last one returned is new,
+        # whatever its mask. The inner record keeps what only the head was given (the logits to keep, the cache)
+        # and takes the inner mask where the head passed on a different one.
+        nested = (
+            current is not None
+            and self._calls_running() > 1
+            and current.inference_mode == torch.is_inference_mode_enabled()
+        )
+        if nested:
+            continues_cache = continues_cache or current.continues_cache
+            logits_kept = logits_kept or current.logits_kept
+            if attention_mask is None or (
+                attention_mask is current.mask
+                and (current.mask_version is None or _version_of(attention_mask) == current.mask_version)
+            ):
+                attention_mask = current.mask
                 if batch_size is None or batch_size == current.batch_size:
                     return
-            elif current.mask_version is not None and _version_of(attention_mask) == current.mask_version:
-                return
-        self._local.recorded = self._latest = _Recorded(attention_mask, batch_size)
+        self._local.recorded = self._latest = _Recorded(attention_mask, batch_size, continues_cache, logits_kept)
+
+    def enter(self) -> None:
+        """An entry point's call begins (before its `record`)."""
+        self._local.calls_running = self._calls_running() + 1
+
+    def leave(self) -> None:
+        """An entry point's call ended, returned or raised; its record stays for checkpointed layers' recompute."""
+        self._local.calls_running = max(self._calls_running() - 1, 0)
+
+    def _calls_running(self) -> int:
+        return getattr(self._local, "calls_running", 0)
 
     def layout(
         self, batch_size: int, seq_len: int, ratio: int, exact_last_token: bool, device: torch.device
@@ -95,11 +138,19 @@ class PaddingContext:
         Per device, because a model split over several GPUs (`device_map="auto"`) runs its layers on different ones.
         """
         recorded = getattr(self._local, "recorded", None) or self._latest
-        exact_tail = max(1, self.decode_tokens) if exact_last_token else 0
+        if recorded.batch_size is not None and recorded.batch_size != batch_size:
+            raise ValueError(
+                f"A Variator layer received hidden states for {batch_size} sequences of {seq_len} tokens, but the "
+                f"model was called with {recorded.batch_size} sequences. Variator needs layers that see "
+                "(batch, seq_len, hidden) in the batch order of the call: architectures that run their layers "
+                "sequence-first (XLNet) are not supported. Call the model itself, not an inner layer."
+            )
+        # Every position whose logits the caller reads runs exact, as the last prompt token does.
+        exact_tail = max(1, self.decode_tokens, recorded.logits_kept) if exact_last_token else 0
         key = (batch_size, seq_len, ratio, exact_tail, device)
         layout = recorded.layouts.get(key)
         if layout is None:
-            mask = self._mask_for(recorded.mask, batch_size, seq_len)
+            mask = self._mask_for(recorded, batch_size, seq_len)
             if mask is not None:
                 mask = mask.to(device)
             elif exact_tail:
@@ -121,14 +172,22 @@ class PaddingContext:
         return batch, num_tokens // batch
 
     @staticmethod
-    def _mask_for(mask: torch.Tensor | None, batch_size: int, seq_len: int) -> torch.Tensor | None:
+    def _mask_for(recorded: _Recorded, batch_size: int, seq_len: int) -> torch.Tensor | None:
+        mask = recorded.mask
         if mask is None:
             return None
-        if mask.shape[0] != batch_size or mask.shape[1] < seq_len:
+        if mask.shape[1] < seq_len:
             raise ValueError(
                 f"The recorded attention_mask has shape {tuple(mask.shape)} but a Variator layer received hidden "
                 f"states for batch {batch_size} x {seq_len} tokens. Call the model (not an inner layer) with the "
                 "attention_mask of this batch."
+            )
+        if mask.shape[1] > seq_len and not recorded.continues_cache:
+            raise ValueError(
+                f"A Variator layer received {seq_len} tokens per sequence, but the model was called with "
+                f"{mask.shape[1]} and no KV cache: the architecture shortens the sequence before this layer (Funnel's "
+                "pooling), so the layer cannot tell which of its tokens are padding. Target only the layers that see "
+                "the whole sequence (`layers_to_transform`)."
             )
         # With a KV cache the mask also covers earlier tokens; the hidden states are the newest ones.
         return mask[:, mask.shape[1] - seq_len :]
@@ -152,6 +211,7 @@ def padding_context(model: nn.Module) -> PaddingContext:
         for entry_point in _entry_points(model):
             object.__setattr__(entry_point, _CONTEXT_ATTRIBUTE, context)
             entry_point.register_forward_pre_hook(_record, with_kwargs=True)
+            entry_point.register_forward_hook(_leave, always_call=True)
             object.__setattr__(entry_point, "forward", _MaskRecordingForward(entry_point))
     return context
 
@@ -164,6 +224,10 @@ def detach_padding_context(model: nn.Module) -> None:
             if hook is _record:
                 del module._forward_pre_hooks[hook_id]
                 module._forward_pre_hooks_with_kwargs.pop(hook_id, None)
+        for hook_id, hook in list(module._forward_hooks.items()):
+            if hook is _leave:
+                del module._forward_hooks[hook_id]
+                module._forward_hooks_always_called.pop(hook_id, None)
         wrapper = vars(module).get("forward")
         if isinstance(wrapper, _MaskRecordingForward):
             if wrapper.inner is None:
@@ -198,6 +262,8 @@ def _record(module: nn.Module, args: tuple, kwargs: dict) -> None:
     context = getattr(module, _CONTEXT_ATTRIBUTE, None)
     if context is None:
         return
+    # First, so that every call that `_leave` ends was counted, even one whose record raises.
+    context.enter()
     positions = _argument_positions(type(module))
 
     def argument(name: str) -> Any:
@@ -206,14 +272,32 @@ def _record(module: nn.Module, args: tuple, kwargs: dict) -> None:
         position = positions.get(name)
         return args[position] if position is not None and position < len(args) else None
 
-    # The batch size lets layers regroup tokens that an architecture flattens before its FFN (OPT).
+    # The batch size lets layers regroup tokens that an architecture flattens before its FFN (OPT). Only from
+    # (batch, seq_len) ids or (batch, seq_len, hidden) embeddings: multiple-choice models fold more into the batch.
     batch_size = None
-    for name in ("input_ids", "inputs_embeds"):
+    for name, dims in (("input_ids", 2), ("inputs_embeds", 3)):
         value = argument(name)
-        if isinstance(value, torch.Tensor) and value.dim() >= 2:
+        if isinstance(value, torch.Tensor) and value.dim() == dims:
             batch_size = value.shape[0]
             break
-    context.record(argument("attention_mask"), batch_size)
+    continues_cache = any(argument(name) is not None for name in _CACHE_ARGUMENTS)
+    logits_kept = argument("logits_to_keep")
+    if not isinstance(logits_kept, int) or isinstance(logits_kept, bool) or logits_kept < 0:
+        # A tensor of positions (or nothing): logits anywhere, as in training, where every token is compressed.
+        logits_kept = 0
+    context.record(argument("attention_mask"), batch_size, continues_cache, logits_kept)
+
+
+# How entry points of transformers' models are handed a KV cache, old and new.
+_CACHE_ARGUMENTS = ("past_key_values", "past_key_value", "past", "mems")
+
+
+@torch.compiler.disable
+def _leave(module: nn.Module, *_: Any) -> None:
+    """The end of a call of entry point `module`: a forward hook that runs whether the call returned or raised."""
+    context = getattr(module, _CONTEXT_ATTRIBUTE, None)
+    if context is not None:
+        context.leave()
 
 
 @functools.cache
@@ -241,7 +325,10 @@ class _MaskRecordingForward:
         if args and args[0] is self.module:
             # Rebound as a method (accelerate's `unwrap_model` does `MethodType(forward, model)`).
             args = args[1:]
-        _record(self.module, args, kwargs)
-        if self.inner is not None:
-            return self.inner(*args, **kwargs)
-        return type(self.module).forward(self.module, *args, **kwargs)
+        try:
+            _record(self.module, args, kwargs)
+            if self.inner is not None:
+                return self.inner(*args, **kwargs)
+            return type(self.module).forward(self.module, *args, **kwargs)
+        finally:
+            _leave(self.module)

@@ -17,6 +17,8 @@ from transformers import (
     BertConfig,
     DistilBertConfig,
     ElectraConfig,
+    FunnelBaseModel,
+    FunnelConfig,
     GPT2Config,
     GPTNeoXConfig,
     LlamaConfig,
@@ -27,6 +29,7 @@ from transformers import (
     RobertaConfig,
     T5Config,
     XLMRobertaConfig,
+    XLNetConfig,
 )
 
 from peft_variator import VariatorConfig
@@ -215,6 +218,34 @@ def test_single_token_decode_steps_run_uncompressed():
     assert torch.equal(with_plugins, without)
 
 
+def test_every_position_whose_logits_are_kept_runs_exact():
+    """`logits_to_keep=m` (what `generate()` passes) reads the last m positions: all of them run exact, and the
+    tokens before are grouped as without them, so the last prompt token's logits do not depend on what follows."""
+    base = AutoModelForCausalLM.from_config(DECODERS["llama"]).eval()
+    model = variator(base, ratio=4)
+    prompt, candidates = torch.randint(3, 100, (1, 18)), torch.randint(3, 100, (1, 6))
+    with torch.no_grad():
+        alone = model(input_ids=prompt, logits_to_keep=1).logits[:, -1]
+        followed = model(input_ids=torch.cat([prompt, candidates], dim=1), logits_to_keep=7).logits[:, 0]
+        # A later call keeping every logit is compressed again (nothing carried over from the call before).
+        everything = model(input_ids=torch.cat([prompt, candidates], dim=1)).logits[:, -7]
+    torch.testing.assert_close(followed, alone)
+    assert not torch.allclose(everything, alone)
+
+
+def test_prompt_lookup_decoding_generates_what_plain_greedy_decoding_does():
+    """Assisted and prompt-lookup decoding verify several candidate tokens per forward, prefill included."""
+    base = AutoModelForCausalLM.from_config(DECODERS["llama"]).eval()
+    model = variator(base, ratio=4)
+    settings = dict(max_new_tokens=16, do_sample=False, pad_token_id=0)
+    with torch.no_grad():
+        start = model.generate(input_ids=torch.randint(3, 100, (1, 6)), **settings)
+        prompt = torch.cat([start, start], dim=1)  # repeats, so lookup finds candidates
+        plain = model.generate(input_ids=prompt, **settings)
+        lookup = model.generate(input_ids=prompt, prompt_lookup_num_tokens=5, **settings)
+    torch.testing.assert_close(lookup, plain)
+
+
 @pytest.mark.parametrize("model_type", sorted(SEQ2SEQ))
 def test_t5_compresses_the_encoder_only_and_generates(model_type):
     base = AutoModelForSeq2SeqLM.from_config(SEQ2SEQ[model_type]).eval()
@@ -269,6 +300,43 @@ def test_layers_to_transform_selects_layers_whether_ffns_come_from_the_table_or_
     config.num_hidden_layers = 3
     model = variator(AutoModel.from_config(config), ratio=2, layers_to_transform=[0, 2])
     assert {layer_index(name, None) for name in wrapped(model)} == {0, 2}
+
+
+@pytest.mark.parametrize("layers_pattern", [None, "layers"])
+def test_layers_to_transform_applies_to_suffix_targets_in_a_layer_list_at_the_root(layers_pattern):
+    """A bare `LlamaModel` names its FFNs `layers.<i>.mlp`: PEFT's own layer rule finds no index there and would
+    match nothing."""
+    base = AutoModel.from_config(DECODERS["llama"])
+    model = variator(base, target_modules=["mlp"], layers_to_transform=[1], layers_pattern=layers_pattern)
+    assert list(wrapped(model)) == ["base_model.model.layers.1.mlp"]
+
+
+@pytest.mark.parametrize("model_type", ["funnel", "xlnet"])
+def test_ffn_blocks_holding_their_own_norm_and_residual_are_refused(model_type):
+    """Funnel's and XLNet's FFN modules return `layer_norm(x + ffn(x))`: compressing them would compress the residual
+    stream."""
+    funnel = FunnelConfig(vocab_size=100, block_sizes=[1, 1], d_model=H, n_head=2, d_head=16, d_inner=FFN_DIM)
+    xlnet = XLNetConfig(vocab_size=100, d_model=H, n_layer=LAYERS, n_head=2, d_inner=FFN_DIM)
+    base = FunnelBaseModel(funnel) if model_type == "funnel" else AutoModel.from_config(xlnet)
+    with pytest.raises(ValueError, match="normalises hidden states itself"):
+        get_peft_model(base, VariatorConfig(ratio=2))
+
+
+def test_layers_that_see_a_shortened_sequence_are_refused_at_run_time():
+    """Funnel pools the sequence between blocks: a layer there cannot tell which of its tokens are padding."""
+    config = FunnelConfig(vocab_size=100, block_sizes=[1, 1], d_model=H, n_head=2, d_head=16, d_inner=FFN_DIM)
+    model = variator(FunnelBaseModel(config).eval(), target_modules=["linear_1", "linear_2"])
+    ids = torch.randint(5, 100, (2, 16))
+    with pytest.raises(ValueError, match="shortens the sequence before this layer"), torch.no_grad():
+        model(input_ids=ids, attention_mask=torch.ones_like(ids))
+
+
+def test_layers_that_run_sequence_first_are_refused_at_run_time():
+    config = XLNetConfig(vocab_size=100, d_model=H, n_layer=LAYERS, n_head=2, d_inner=FFN_DIM)
+    model = variator(AutoModel.from_config(config).eval(), target_modules=["layer_1", "layer_2"])
+    ids = torch.randint(5, 100, (2, 8))
+    with pytest.raises(ValueError, match="sequence-first"), torch.no_grad():
+        model(input_ids=ids)
 
 
 def test_a_model_that_runs_its_ffn_in_sequence_chunks_is_refused_with_the_setting_to_change():
