@@ -18,11 +18,14 @@ import os
 import statistics
 import tempfile
 import time
+import warnings
+from collections.abc import Sequence
 
 import torch
 from peft import get_peft_model
 from torch.utils.data import DataLoader
 from transformers import (
+    AutoConfig,
     AutoModel,
     AutoModelForSequenceClassification,
     AutoTokenizer,
@@ -36,6 +39,10 @@ from peft_variator import VariatorConfig, VariatorTrainer
 from peft_variator.data import LABELS, load_tweets, tokenize
 
 RATIOS = (2, 4, 8)
+SAMPLE_TEXT = "Variator compresses every k neighbouring tokens into one before each feed-forward network. " * 40
+
+# PEFT's `get_peft_model` asks transformers a deprecated question; nothing a reader of this example can change.
+warnings.filterwarnings("ignore", message=".*is_gradient_checkpointing.*", category=FutureWarning)
 
 
 def minilm_path() -> str:
@@ -45,15 +52,48 @@ def minilm_path() -> str:
     return os.path.join(list(spec.submodule_search_locations)[0], "model")
 
 
-def main() -> None:
+def positive_int(text: str) -> int:
+    value = int(text)
+    if value < 1:
+        raise argparse.ArgumentTypeError(f"must be >= 1, got {value}")
+    return value
+
+
+def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--repeats", type=int, default=5)
-    parser.add_argument("--batch", type=int, default=16)
-    parser.add_argument("--seq-len", type=int, default=256)
+    parser.add_argument(
+        "--repeats", type=positive_int, default=5, help="timed forwards per variant, after one warm-up (default 5)"
+    )
+    parser.add_argument("--batch", type=positive_int, default=16, help="sequences per timed batch (default 16)")
+    parser.add_argument(
+        "--seq-len", type=positive_int, default=256, help="tokens per timed sequence, at most 512 (default 256)"
+    )
     parser.add_argument("--skip-training", action="store_true", help="only attach, switch and time the plugins")
-    parser.add_argument("--train-examples", type=int, default=3000, help="tweets for each training stage")
-    parser.add_argument("--test-examples", type=int, default=1000)
-    args = parser.parse_args()
+    parser.add_argument(
+        "--train-examples", type=positive_int, default=3000, help="tweets for each training stage (default 3000)"
+    )
+    parser.add_argument(
+        "--test-examples", type=positive_int, default=1000, help="held-out tweets for accuracy (default 1000)"
+    )
+    args = parser.parse_args(argv)
+    max_positions = AutoConfig.from_pretrained(minilm_path()).max_position_embeddings
+    if args.seq_len > max_positions:
+        parser.error(f"--seq-len must be at most {max_positions} (all-MiniLM-L6-v2's positions), got {args.seq_len}")
+    if not args.skip_training:
+        tweets = load_tweets()
+        # Both training stages draw from the train split, on disjoint tweets.
+        if 2 * args.train_examples > len(tweets["train"]):
+            parser.error(
+                f"--train-examples must be at most {len(tweets['train']) // 2} (two stages share the "
+                f"{len(tweets['train'])} training tweets), got {args.train_examples}"
+            )
+        if args.test_examples > len(tweets["test"]):
+            parser.error(f"--test-examples must be at most {len(tweets['test'])}, got {args.test_examples}")
+    return args
+
+
+def main(argv: Sequence[str] | None = None) -> None:
+    args = parse_args(argv)
     torch.manual_seed(0)
     attach_and_time(args)
     if not args.skip_training:
@@ -92,14 +132,21 @@ def attach_and_time(args: argparse.Namespace) -> None:
         model.add_adapter(f"ratio{ratio}", VariatorConfig(ratio=ratio))
     model.eval()
 
-    text = "Variator compresses every k neighbouring tokens into one before each feed-forward network. " * 40
     batch = tokenizer(
-        [text] * args.batch, truncation=True, max_length=args.seq_len, padding="max_length", return_tensors="pt"
+        [SAMPLE_TEXT] * args.batch,
+        truncation=True,
+        max_length=args.seq_len,
+        padding="max_length",
+        return_tensors="pt",
     )
 
     milliseconds = time_forward(model, [None, *[f"ratio{r}" for r in RATIOS]], batch, args.repeats)
     base_ms = milliseconds[None]
     print(f"all-MiniLM-L6-v2: {base_params:,} parameters, batch {args.batch} x {args.seq_len}, {base_ms:.0f} ms")
+    print(
+        f"Forward latency: median of {args.repeats} forwards per variant, interleaved, after one warm-up round; "
+        "untrained plugins (speed does not depend on their weights)."
+    )
     print(
         f"{'adapter':>8} {'ratio':>5} {'params added':>14} {'% of model':>10} {'on disk':>9} {'ms':>7} {'speed-up':>8}"
     )
@@ -114,7 +161,13 @@ def attach_and_time(args: argparse.Namespace) -> None:
                 f"{name:>8} {ratio:>5} {added:>14,} {added / base_params:>10.2%} {size / 1e6:>7.2f}MB "
                 f"{ms:>7.0f} {base_ms / ms:>7.2f}x"
             )
-    print("Untrained plugins are average pooling: they need training (below, and docs/training.md).\n")
+    if args.skip_training:
+        print(
+            "Untrained plugins are average pooling: they need training (run without --skip-training, and see "
+            "docs/training.md)."
+        )
+    else:
+        print("Untrained plugins are average pooling: they need training, as below (and docs/training.md).\n")
 
 
 @torch.no_grad()
@@ -151,6 +204,7 @@ def train_ratio4(args: argparse.Namespace) -> None:
         )
 
     labels = {"num_labels": 3, "id2label": dict(enumerate(LABELS)), "label2id": {n: i for i, n in enumerate(LABELS)}}
+    print("Adding a new 3-way classification head (transformers reports its weights as MISSING: expected).")
     classifier = AutoModelForSequenceClassification.from_pretrained(path, **labels)
     with tempfile.TemporaryDirectory() as directory:
         started = time.perf_counter()
@@ -175,11 +229,15 @@ def train_ratio4(args: argparse.Namespace) -> None:
         compressed = accuracy(model, test, collator)
         minutes = (time.perf_counter() - started) / 60
 
-    text = "Variator compresses every k neighbouring tokens into one before each feed-forward network. " * 40
-    batch = tokenizer([text] * args.batch, truncation=True, max_length=args.seq_len, return_tensors="pt")
+    batch = tokenizer([SAMPLE_TEXT] * args.batch, truncation=True, max_length=args.seq_len, return_tensors="pt")
     milliseconds = time_forward(model, [None, "ratio4"], batch, args.repeats)
     print(f"Trained in {minutes:.1f} min. Accuracy on {len(test)} held-out tweets:")
     print(f"  uncompressed {uncompressed:.1f}%   ratio 4 {compressed:.1f}% ({compressed - uncompressed:+.1f} points)")
+    standard_error = 100 * (uncompressed / 100 * (1 - uncompressed / 100) / len(test)) ** 0.5
+    print(
+        f"  (one short run: one epoch per stage, no plugin pre-training; each accuracy has a standard error of about "
+        f"{standard_error:.1f} points on {len(test)} tweets. Full runs: docs/quality.md)"
+    )
     print(
         f"  speed-up at batch {args.batch} x {args.seq_len}: {milliseconds[None] / milliseconds['ratio4']:.2f}x "
         f"({milliseconds[None]:.0f} ms -> {milliseconds['ratio4']:.0f} ms)"

@@ -8,6 +8,7 @@ import re
 import subprocess
 import sys
 
+import pytest
 import torch
 from safetensors.torch import load_file
 
@@ -78,3 +79,25 @@ def test_pretraining_under_torchrun_on_cpu_trains_the_processes_as_one_group(tmp
     output = run_example("pretrain_plugins.py", *arguments, processes=2)
     assert output.count("Pre-trained plugins:") == 1
     assert plugin_weights(tmp_path / "ratio4")
+
+
+@pytest.mark.parametrize(
+    ("arguments", "message"),
+    [
+        (["--repeats", "0"], "argument --repeats: must be >= 1, got 0"),
+        (["--batch", "0"], "argument --batch: must be >= 1, got 0"),
+        (["--seq-len", "1024"], "--seq-len must be at most 512"),
+        (["--train-examples", "20000"], "--train-examples must be at most 17171"),
+        (["--test-examples", "5000"], "--test-examples must be at most 3816"),
+    ],
+)
+def test_quickstart_refuses_bad_options_naming_the_option_and_the_limit(arguments, message, capsys):
+    sys.path.insert(0, EXAMPLES)
+    try:
+        import quickstart
+    finally:
+        sys.path.remove(EXAMPLES)
+    with pytest.raises(SystemExit) as exit_info:
+        quickstart.parse_args(arguments)
+    assert exit_info.value.code == 2
+    assert message in capsys.readouterr().err
