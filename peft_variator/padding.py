@@ -90,6 +90,9 @@ class PaddingContext:
         continues_cache: bool = False,
         logits_kept: int = 0,
     ) -> None:
+        if attention_mask is not None and attention_mask.dim() == 3 and not attention_mask.is_floating_point():
+            # A multiple-choice model's (batch, choices, seq_len) mask: it folds the choices into the batch itself.
+            attention_mask = attention_mask.reshape(-1, attention_mask.shape[-1])
         if attention_mask is not None and attention_mask.dim() != 2:
             raise ValueError(
                 "Variator needs a 2-D padding mask `attention_mask` of shape (batch, seq_len) to group real tokens, "
@@ -99,12 +102,13 @@ class PaddingContext:
             )
         current = getattr(self._local, "recorded", None)
         # Nested entry points (a causal LM, then its inner base model) record the same call again, while the first is
-        # still running (`_calls_running`, counted by `enter` / `leave`); a call after the last one returned is new,
-        # whatever its mask. The inner record keeps what only the head was given (the logits to keep, the cache)
-        # and takes the inner mask where the head passed on a different one.
+        # still running (`_calls_running`, counted by `enter` / `leave` around each entry point's forward, after its
+        # records); a call after the last one returned is new, whatever its mask. The inner record keeps what only
+        # the head was given (the logits to keep, the cache) and takes the inner mask where the head passed on a
+        # different one.
         nested = (
             current is not None
-            and self._calls_running() > 1
+            and self._calls_running() > 0
             and current.inference_mode == torch.is_inference_mode_enabled()
         )
         if nested:
@@ -120,7 +124,7 @@ class PaddingContext:
         self._local.recorded = self._latest = _Recorded(attention_mask, batch_size, continues_cache, logits_kept)
 
     def enter(self) -> None:
-        """An entry point's call begins (before its `record`)."""
+        """An entry point's forward begins (after its call was recorded)."""
         self._local.calls_running = self._calls_running() + 1
 
     def leave(self) -> None:
@@ -141,9 +145,10 @@ class PaddingContext:
         if recorded.batch_size is not None and recorded.batch_size != batch_size:
             raise ValueError(
                 f"A Variator layer received hidden states for {batch_size} sequences of {seq_len} tokens, but the "
-                f"model was called with {recorded.batch_size} sequences. Variator needs layers that see "
-                "(batch, seq_len, hidden) in the batch order of the call: architectures that run their layers "
-                "sequence-first (XLNet) are not supported. Call the model itself, not an inner layer."
+                f"model's last call had {recorded.batch_size} sequences. Layers must run inside a call of the model "
+                "itself (not called directly, nor recomputed by gradient checkpointing after another call), on "
+                "(batch, seq_len, hidden) in the call's batch order: architectures that run their layers "
+                "sequence-first (XLNet) are not supported."
             )
         # Every position whose logits the caller reads runs exact, as the last prompt token does.
         exact_tail = max(1, self.decode_tokens, recorded.logits_kept) if exact_last_token else 0
@@ -211,7 +216,6 @@ def padding_context(model: nn.Module) -> PaddingContext:
         for entry_point in _entry_points(model):
             object.__setattr__(entry_point, _CONTEXT_ATTRIBUTE, context)
             entry_point.register_forward_pre_hook(_record, with_kwargs=True)
-            entry_point.register_forward_hook(_leave, always_call=True)
             object.__setattr__(entry_point, "forward", _MaskRecordingForward(entry_point))
     return context
 
@@ -224,10 +228,6 @@ def detach_padding_context(model: nn.Module) -> None:
             if hook is _record:
                 del module._forward_pre_hooks[hook_id]
                 module._forward_pre_hooks_with_kwargs.pop(hook_id, None)
-        for hook_id, hook in list(module._forward_hooks.items()):
-            if hook is _leave:
-                del module._forward_hooks[hook_id]
-                module._forward_hooks_always_called.pop(hook_id, None)
         wrapper = vars(module).get("forward")
         if isinstance(wrapper, _MaskRecordingForward):
             if wrapper.inner is None:
@@ -262,8 +262,6 @@ def _record(module: nn.Module, args: tuple, kwargs: dict) -> None:
     context = getattr(module, _CONTEXT_ATTRIBUTE, None)
     if context is None:
         return
-    # First, so that every call that `_leave` ends was counted, even one whose record raises.
-    context.enter()
     positions = _argument_positions(type(module))
 
     def argument(name: str) -> Any:
@@ -292,14 +290,6 @@ def _record(module: nn.Module, args: tuple, kwargs: dict) -> None:
 _CACHE_ARGUMENTS = ("past_key_values", "past_key_value", "past", "mems")
 
 
-@torch.compiler.disable
-def _leave(module: nn.Module, *_: Any) -> None:
-    """The end of a call of entry point `module`: a forward hook that runs whether the call returned or raised."""
-    context = getattr(module, _CONTEXT_ATTRIBUTE, None)
-    if context is not None:
-        context.leave()
-
-
 @functools.cache
 def _argument_positions(module_class: type) -> dict[str, int]:
     parameters = list(inspect.signature(module_class.forward).parameters)[1:]  # after `self`
@@ -325,10 +315,19 @@ class _MaskRecordingForward:
         if args and args[0] is self.module:
             # Rebound as a method (accelerate's `unwrap_model` does `MethodType(forward, model)`).
             args = args[1:]
+        _record(self.module, args, kwargs)
+        context = getattr(self.module, _CONTEXT_ATTRIBUTE, None)
+        if context is None:
+            return self._forward(*args, **kwargs)
+        # Counted here, where `finally` also sees a KeyboardInterrupt (a forward hook would not): every call through
+        # `module(...)` ends here too, accelerate's replacement `forward` included, as it calls the one it replaced.
+        context.enter()
         try:
-            _record(self.module, args, kwargs)
-            if self.inner is not None:
-                return self.inner(*args, **kwargs)
-            return type(self.module).forward(self.module, *args, **kwargs)
+            return self._forward(*args, **kwargs)
         finally:
-            _leave(self.module)
+            context.leave()
+
+    def _forward(self, *args: Any, **kwargs: Any) -> Any:
+        if self.inner is not None:
+            return self.inner(*args, **kwargs)
+        return type(self.module).forward(self.module, *args, **kwargs)

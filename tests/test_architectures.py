@@ -3,6 +3,7 @@
 
 from __future__ import annotations
 
+import copy
 import json
 import logging
 
@@ -15,6 +16,7 @@ from transformers import (
     AutoModelForCausalLM,
     AutoModelForSeq2SeqLM,
     BertConfig,
+    BertForMultipleChoice,
     DistilBertConfig,
     ElectraConfig,
     FunnelBaseModel,
@@ -233,6 +235,26 @@ def test_every_position_whose_logits_are_kept_runs_exact():
     assert not torch.allclose(everything, alone)
 
 
+def test_a_forward_interrupted_by_ctrl_c_leaves_later_calls_as_on_a_fresh_model():
+    base = AutoModelForCausalLM.from_config(DECODERS["llama"]).eval()
+    model = variator(base, ratio=4)
+    fresh = copy.deepcopy(model)
+    ids = torch.randint(3, 100, (2, 12))
+    mask = torch.ones_like(ids)
+    mask[0, :3] = 0
+
+    def interrupt(*_):
+        raise KeyboardInterrupt
+
+    handle = model.get_submodule("base_model.model.model.layers.0").register_forward_pre_hook(interrupt)
+    with pytest.raises(KeyboardInterrupt), torch.no_grad():
+        model(input_ids=ids, attention_mask=mask, logits_to_keep=6)
+    handle.remove()
+    with torch.no_grad():
+        for call in (dict(input_ids=ids[:1]), dict(input_ids=ids, attention_mask=torch.ones_like(ids))):
+            torch.testing.assert_close(model(**call).logits, fresh(**call).logits)
+
+
 def test_prompt_lookup_decoding_generates_what_plain_greedy_decoding_does():
     """Assisted and prompt-lookup decoding verify several candidate tokens per forward, prefill included."""
     base = AutoModelForCausalLM.from_config(DECODERS["llama"]).eval()
@@ -320,6 +342,18 @@ def test_ffn_blocks_holding_their_own_norm_and_residual_are_refused(model_type):
     base = FunnelBaseModel(funnel) if model_type == "funnel" else AutoModel.from_config(xlnet)
     with pytest.raises(ValueError, match="normalises hidden states itself"):
         get_peft_model(base, VariatorConfig(ratio=2))
+
+
+def test_multiple_choice_models_fold_their_choices_mask_into_the_batch():
+    model = variator(BertForMultipleChoice(ENCODERS["bert"]).eval())
+    ids = torch.randint(5, 100, (2, 3, 10))
+    mask = torch.ones_like(ids)
+    mask[0, 1, 6:] = 0
+    other_padding = ids.clone()
+    other_padding[0, 1, 6:] = 7
+    with torch.no_grad():
+        logits = model(input_ids=ids, attention_mask=mask).logits
+        torch.testing.assert_close(model(input_ids=other_padding, attention_mask=mask).logits, logits)
 
 
 def test_layers_that_see_a_shortened_sequence_are_refused_at_run_time():
