@@ -107,6 +107,23 @@ class VariatorLayer(nn.Module, BaseTunerLayer):
     def _decompressor(self, adapter_name: str) -> DecompressionAdapter:
         return DecompressionAdapter(*(getattr(self, name)[adapter_name] for name in DECOMPRESSOR_NAMES))
 
+    def _decompress(
+        self, ffn_output: torch.Tensor, tokens: torch.Tensor, layout: GroupLayout, adapter_name: str
+    ) -> torch.Tensor:
+        adapter = self._decompressor(adapter_name)
+        offloaded = [module for module in adapter if _offloading_hook(module) is not None]
+        if not offloaded:
+            return decompress(ffn_output, tokens, layout, adapter)
+        # accelerate's offloading (a `device_map` with "cpu" or "disk", `cpu_offload`) keeps each Linear's weights on
+        # the meta device and loads them for that Linear's own forward only; decompression reads them directly.
+        for module in offloaded:
+            module._hf_hook.pre_forward(module)
+        try:
+            return decompress(ffn_output, tokens, layout, adapter)
+        finally:
+            for module in offloaded:
+                module._hf_hook.post_forward(module, None)
+
     def merge(self, safe_merge: bool = False, adapter_names: list[str] | None = None) -> None:
         raise ValueError(
             "A Variator plugin changes the sequence length inside the FFN and cannot be merged into weights. "
@@ -178,7 +195,7 @@ class VariatorFFN(VariatorLayer):
         compressed = compress(sequences, layout, self.variator_compressor[adapter_name])
         ffn_output = self.base_layer(self._flattened_like(compressed, hidden), *args, **kwargs)
         grouped = ffn_output.reshape(compressed.shape)
-        restored = decompress(grouped, sequences, layout, self._decompressor(adapter_name))
+        restored = self._decompress(grouped, sequences, layout, adapter_name)
         return self._flattened_like(restored, hidden)
 
 
@@ -278,5 +295,11 @@ class VariatorFFNOutput(VariatorLayer):
         if layout is None or adapter_name is None:
             return ffn_output
         grouped = ffn_output.reshape(*layout.compressed_shape(tokens.shape[0]), ffn_output.shape[-1])
-        restored = decompress(grouped, tokens, layout, self._decompressor(adapter_name))
+        restored = self._decompress(grouped, tokens, layout, adapter_name)
         return self._flattened_like(restored, ffn_output)
+
+
+def _offloading_hook(module: nn.Module) -> Any:
+    """accelerate's hook that keeps `module`'s weights offloaded between its forwards, or None."""
+    hook = getattr(module, "_hf_hook", None)
+    return hook if getattr(hook, "offload", False) else None

@@ -569,6 +569,27 @@ def test_padding_is_still_recorded_after_accelerate_replaces_the_forward():
     torch.testing.assert_close(hidden(model, padded)[0, :7], hidden(model, alone)[0], rtol=0, atol=1e-5)
 
 
+@pytest.mark.parametrize("architecture", ["bert", "llama"])
+def test_layers_offloaded_by_a_device_map_run_their_plugins(architecture, tmp_path):
+    """Offloaded to disk, each plugin Linear's weights stay on the meta device outside its own forward; BERT's split
+    FFN and Llama's whole one decompress all the same."""
+    from accelerate import dispatch_model
+    from transformers import LlamaModel
+
+    base = tiny_bert() if architecture == "bert" else LlamaModel(tiny_llama_config()).eval()
+    model = get_peft_model(base, VariatorConfig(ratio=2))
+    randomize_plugins(model)
+    batch = inputs()
+    expected = hidden(model, batch)
+    layers = "encoder.layer" if architecture == "bert" else "layers"
+    device_map = {name: "cpu" for name, _ in base.named_children()}
+    device_map.pop(layers.split(".")[0])
+    device_map.update({f"{layers}.{i}": "disk" if i == 1 else "cpu" for i in range(len(base.get_submodule(layers)))})
+    dispatch_model(base, device_map=device_map, offload_dir=str(tmp_path))
+    assert any(parameter.device.type == "meta" for name, parameter in model.named_parameters() if "variator_" in name)
+    torch.testing.assert_close(hidden(model, batch), expected)
+
+
 def test_the_forward_wrapper_rebound_as_a_method_still_runs():
     # accelerate's `unwrap_model(keep_fp32_wrapper=False)` rebinds `forward` with `MethodType(forward, model)`.
     import types
