@@ -173,8 +173,14 @@ def find_ffns(model: nn.Module, hidden_size: int, within: nn.Module | None = Non
         if any(name.startswith(prefix + ".") for prefix in found):
             continue
         if _is_whole_ffn(module, hidden_size):
-            if not any(_is_whole_ffn(child, hidden_size) for child in module.children()):
+            if any(_is_whole_ffn(child, hidden_size) for child in module.children()):
+                continue
+            if more_than_an_ffn(module, hidden_size) is None:
                 found.append(name)
+            else:
+                # An FFN block with its own norm and residual (Funnel's, FNet's whole layer): its two linears are the
+                # FFN, wrapped as the halves of a split one.
+                found.extend(f"{name}.{half}" for half in _linear_halves(module, hidden_size))
         else:
             found.extend(f"{name}.{half}" for half in _split_ffn_halves(module, hidden_size))
     if found:
@@ -196,6 +202,20 @@ def _split_ffn_halves(module: nn.Module, hidden_size: int) -> list[str]:
     if len(narrowing) != 1:
         return []
     return [halves[widening[0]][0], narrowing[0]]
+
+
+def _linear_halves(module: nn.Module, hidden_size: int) -> list[str]:
+    """Relative names of the one linear layer inside `module` that maps hidden -> I and the one that maps I -> hidden,
+    or nothing when there are more."""
+    leaves = [(name, linear_shapes(child)) for name, child in module.named_modules() if not list(child.children())]
+    linears = [(name, shapes[0]) for name, shapes in leaves if len(shapes) == 1]
+    widening = [(name, shape) for name, shape in linears if shape[0] == hidden_size and shape[1] != hidden_size]
+    if len(widening) != 1:
+        return []
+    narrowing = [name for name, shape in linears if shape == (widening[0][1][1], hidden_size)]
+    if len(narrowing) != 1 or len(linears) != 2:
+        return []
+    return [widening[0][0], narrowing[0]]
 
 
 def _is_whole_ffn(module: nn.Module, hidden_size: int) -> bool:

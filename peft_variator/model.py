@@ -31,6 +31,10 @@ _MERGE_ERROR = (
 )
 
 
+# Architectures whose layers see (seq_len, batch, hidden).
+SEQUENCE_FIRST_MODEL_TYPES = frozenset({"xlnet"})
+
+
 class VariatorModel(BaseTuner):
     """Attaches Variator compression plugins to the FFNs of a transformer (Xiao et al., 2023, arXiv 2310.15724).
 
@@ -85,6 +89,13 @@ class VariatorModel(BaseTuner):
                 f"The model config has `chunk_size_feed_forward={chunk_size}`, which runs the FFN on chunks of the "
                 "sequence; Variator groups tokens over the whole sequence and needs it to be 0. Set "
                 "`model.config.chunk_size_feed_forward = 0` first (the base model's outputs do not change)."
+            )
+        model_type = self.get_model_config(model).get("model_type")
+        if model_type in SEQUENCE_FIRST_MODEL_TYPES:
+            # Layers get (seq_len, batch, hidden); with as many sequences as tokens, no run-time check could tell.
+            raise ValueError(
+                f"{model_type!r} models run their layers sequence-first, (seq_len, batch, hidden); Variator groups "
+                "consecutive tokens of (batch, seq_len, hidden) and does not support them."
             )
         if peft_config.exact_last_token is None:
             peft_config.exact_last_token = peft_config.task_type == "CAUSAL_LM" or is_causal_lm(model)

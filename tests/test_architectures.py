@@ -19,6 +19,8 @@ from transformers import (
     BertForMultipleChoice,
     DistilBertConfig,
     ElectraConfig,
+    FNetConfig,
+    FNetModel,
     FunnelBaseModel,
     FunnelConfig,
     GPT2Config,
@@ -333,15 +335,31 @@ def test_layers_to_transform_applies_to_suffix_targets_in_a_layer_list_at_the_ro
     assert list(wrapped(model)) == ["base_model.model.layers.1.mlp"]
 
 
-@pytest.mark.parametrize("model_type", ["funnel", "xlnet"])
-def test_ffn_blocks_holding_their_own_norm_and_residual_are_refused(model_type):
-    """Funnel's and XLNet's FFN modules return `layer_norm(x + ffn(x))`: compressing them would compress the residual
-    stream."""
-    funnel = FunnelConfig(vocab_size=100, block_sizes=[1, 1], d_model=H, n_head=2, d_head=16, d_inner=FFN_DIM)
-    xlnet = XLNetConfig(vocab_size=100, d_model=H, n_layer=LAYERS, n_head=2, d_inner=FFN_DIM)
-    base = FunnelBaseModel(funnel) if model_type == "funnel" else AutoModel.from_config(xlnet)
+def test_an_ffn_block_holding_its_own_norm_and_residual_is_refused_as_a_target():
+    """Funnel's FFN module returns `layer_norm(x + ffn(x))`: compressing it would compress the residual stream."""
+    config = FunnelConfig(vocab_size=100, block_sizes=[1, 1], d_model=H, n_head=2, d_head=16, d_inner=FFN_DIM)
     with pytest.raises(ValueError, match="normalises hidden states itself"):
-        get_peft_model(base, VariatorConfig(ratio=2))
+        get_peft_model(FunnelBaseModel(config), VariatorConfig(ratio=2, target_modules=["ffn"]))
+
+
+def test_found_by_structure_an_ffn_block_with_its_own_norm_gives_its_two_linears_as_a_split_ffn():
+    """FNet's smallest FFN-shaped module is its whole layer (Fourier mixing, FFN, norms, residuals): its two linears
+    are the FFN."""
+    base = FNetModel(FNetConfig(vocab_size=100, hidden_size=H, num_hidden_layers=LAYERS, intermediate_size=FFN_DIM))
+    ids = torch.randint(5, 100, (2, 9))
+    with torch.no_grad():
+        reference = base.eval()(input_ids=ids).last_hidden_state
+    model = variator(base)
+    halves = {"intermediate.dense": VariatorFFNInput, "output.dense": VariatorFFNOutput}
+    assert wrapped(model) == {
+        f"base_model.model.encoder.layer.{i}.{half}": kind for i in range(LAYERS) for half, kind in halves.items()
+    }
+    with torch.no_grad():
+        compressed = model(input_ids=ids).last_hidden_state
+        with model.disable_adapter():
+            uncompressed = model(input_ids=ids).last_hidden_state
+    torch.testing.assert_close(uncompressed, reference)
+    assert compressed.shape == uncompressed.shape and not torch.allclose(compressed, uncompressed)
 
 
 def test_multiple_choice_models_fold_their_choices_mask_into_the_batch():
@@ -365,12 +383,19 @@ def test_layers_that_see_a_shortened_sequence_are_refused_at_run_time():
         model(input_ids=ids, attention_mask=torch.ones_like(ids))
 
 
-def test_layers_that_run_sequence_first_are_refused_at_run_time():
+def test_models_that_run_their_layers_sequence_first_are_refused():
     config = XLNetConfig(vocab_size=100, d_model=H, n_layer=LAYERS, n_head=2, d_inner=FFN_DIM)
-    model = variator(AutoModel.from_config(config).eval(), target_modules=["layer_1", "layer_2"])
-    ids = torch.randint(5, 100, (2, 8))
-    with pytest.raises(ValueError, match="sequence-first"), torch.no_grad():
-        model(input_ids=ids)
+    with pytest.raises(ValueError, match="sequence-first"):
+        get_peft_model(AutoModel.from_config(config), VariatorConfig(ratio=2, target_modules=["layer_1", "layer_2"]))
+
+
+def test_a_layer_reached_with_another_batch_than_the_model_call_is_refused():
+    model = variator(AutoModel.from_config(ENCODERS["bert"]).eval())
+    with torch.no_grad():
+        model(input_ids=torch.randint(5, 100, (2, 8)))
+        layer = model.get_submodule("base_model.model.encoder.layer.0.intermediate")
+        with pytest.raises(ValueError, match="model's last call had 2 sequences"):
+            layer(torch.randn(3, 8, H))
 
 
 def test_a_model_that_runs_its_ffn_in_sequence_chunks_is_refused_with_the_setting_to_change():
