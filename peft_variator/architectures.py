@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import inspect
 import logging
 import re
 from dataclasses import dataclass
@@ -79,6 +80,8 @@ def more_than_an_ffn(module: nn.Module, hidden_size: int | None) -> str | None:
         return None
     if any(inp == out == hidden_size for inp, out in linear_shapes(module)):
         return "it has hidden -> hidden projections, as attention does"
+    if "residual" in inspect.signature(module.forward).parameters:
+        return "it adds the residual itself (its forward takes `residual`)"
     for name, child in module.named_modules():
         if name and _is_whole_ffn(child, hidden_size):
             inside = {id(parameter) for parameter in child.parameters()}
@@ -189,12 +192,19 @@ def find_ffns(model: nn.Module, hidden_size: int, within: nn.Module | None = Non
 
 
 def _split_ffn_halves(module: nn.Module, hidden_size: int) -> list[str]:
-    """Names of a layer's two linear children forming an FFN (hidden -> I, I -> hidden), as in OPT's fc1 / fc2."""
-    halves = {}
+    """Relative names of the two linear layers of a layer's FFN (hidden -> I, I -> hidden), each the only linear
+    layer of one child of `module`: OPT's `fc1` / `fc2` (the children themselves), or the `intermediate.dense` /
+    `output.dense` of BERT-style layers (whose `output` also holds the norm and adds the residual)."""
+    halves: dict[tuple[int, int], list[str]] = {}
     for child_name, child in module.named_children():
-        shapes = linear_shapes(child) if not list(child.children()) else []
-        if len(shapes) == 1:
-            halves.setdefault(shapes[0], []).append(child_name)
+        linears = [
+            (name, linear_shapes(leaf)[0])
+            for name, leaf in child.named_modules()
+            if not list(leaf.children()) and len(linear_shapes(leaf)) == 1
+        ]
+        if len(linears) == 1:
+            name, shape = linears[0]
+            halves.setdefault(shape, []).append(f"{child_name}.{name}" if name else child_name)
     widening = [shape for shape in halves if shape[0] == hidden_size and shape[1] != hidden_size]
     if len(widening) != 1 or len(halves[widening[0]]) != 1:
         return []
@@ -220,18 +230,14 @@ def _linear_halves(module: nn.Module, hidden_size: int) -> list[str]:
 
 def _is_whole_ffn(module: nn.Module, hidden_size: int) -> bool:
     shapes = linear_shapes(module)
-    if not shapes:
+    narrowing = {inp for inp, out in shapes if out == hidden_size and inp != hidden_size}
+    if len(narrowing) != 1:
         return False
-    intermediate = {out for inp, out in shapes if inp == hidden_size} | {
-        inp for inp, out in shapes if out == hidden_size
-    }
-    if len(intermediate) != 1 or hidden_size in intermediate:
-        return False
-    size = intermediate.pop()
-    return (
-        all(shape in {(hidden_size, size), (size, hidden_size)} for shape in shapes)
-        and (hidden_size, size) in shapes
-        and (size, hidden_size) in shapes
+    size = narrowing.pop()
+    # Gate and up projections may be one fused Linear (Phi-3's `gate_up_proj`, hidden -> 2 * I).
+    widening = {(hidden_size, size), (hidden_size, 2 * size)}
+    return all(shape in widening | {(size, hidden_size)} for shape in shapes) and any(
+        shape in widening for shape in shapes
     )
 
 

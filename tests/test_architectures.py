@@ -12,6 +12,7 @@ import torch
 from conftest import randomize_plugins
 from peft import get_peft_model
 from transformers import (
+    AutoConfig,
     AutoModel,
     AutoModelForCausalLM,
     AutoModelForSeq2SeqLM,
@@ -333,6 +334,38 @@ def test_layers_to_transform_applies_to_suffix_targets_in_a_layer_list_at_the_ro
     base = AutoModel.from_config(DECODERS["llama"])
     model = variator(base, target_modules=["mlp"], layers_to_transform=[1], layers_pattern=layers_pattern)
     assert list(wrapped(model)) == ["base_model.model.layers.1.mlp"]
+
+
+# Model types outside the table, each FFN a different shape: BERT-style halves nested in `intermediate` / `output`
+# (CamemBERT, DeBERTa-v2, ESM), gate and up projections fused into one Linear (Phi-3), an FFN whose forward adds the
+# residual it is given (BLOOM).
+FOUND_BY_STRUCTURE = {
+    "camembert": ("encoder.layer.0.intermediate.dense", dict(pad_token_id=1)),
+    "deberta-v2": ("encoder.layer.0.intermediate.dense", {}),
+    "esm": ("encoder.layer.0.intermediate.dense", dict(pad_token_id=1, position_embedding_type="rotary")),
+    "phi3": ("model.layers.0.mlp", dict(num_key_value_heads=2, pad_token_id=0)),
+    "bloom": ("transformer.h.0.mlp.dense_h_to_4h", dict(n_layer=LAYERS, n_head=4, pad_token_id=0)),
+}
+
+
+@pytest.mark.parametrize("model_type", sorted(FOUND_BY_STRUCTURE))
+def test_ffns_of_other_shapes_are_found_by_structure_and_real_tokens_ignore_padding(model_type):
+    first_target, extra = FOUND_BY_STRUCTURE[model_type]
+    config = AutoConfig.for_model(model_type, **{**ENCODER, **extra})
+    causal = model_type in ("phi3", "bloom")
+    base = (AutoModelForCausalLM if causal else AutoModel).from_config(config).eval()
+    model = variator(base, ratio=3)
+    assert f"base_model.model.{first_target}" in wrapped(model)
+    ids = torch.randint(3, 100, (2, 11))
+    mask = torch.ones_like(ids)
+    real = slice(4, None) if causal else slice(0, 7)  # left padding for decoders, right for encoders
+    mask[0] = 0
+    mask[0, real] = 1
+    with torch.no_grad():
+        padded = model(input_ids=ids, attention_mask=mask)
+        alone = model(input_ids=ids[:1, real])
+    key = "logits" if causal else "last_hidden_state"
+    torch.testing.assert_close(padded[key][0, real], alone[key][0], rtol=0, atol=1e-5)
 
 
 def test_an_ffn_block_holding_its_own_norm_and_residual_is_refused_as_a_target():
