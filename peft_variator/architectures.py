@@ -184,7 +184,9 @@ def find_ffns(model: nn.Module, hidden_size: int, within: nn.Module | None = Non
                 # An FFN block with its own norm and residual (Funnel's, FNet's whole layer): its two linears are the
                 # FFN, wrapped as the halves of a split one.
                 found.extend(f"{name}.{half}" for half in _linear_halves(module, hidden_size))
-        else:
+        elif re.search(r"(?:^|\.)\d+$", name):
+            # Only inside one of a stack of layers: OPT-350m's decoder holds `project_out` (hidden -> 512) and
+            # `project_in` (512 -> hidden) around its layers, shaped like an FFN's halves.
             found.extend(f"{name}.{half}" for half in _split_ffn_halves(module, hidden_size))
     if found:
         logger.info("Variator found %d FFNs by structure: %s", len(found), ", ".join(found))

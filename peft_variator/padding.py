@@ -185,7 +185,9 @@ class PaddingContext:
             raise ValueError(
                 f"The recorded attention_mask has shape {tuple(mask.shape)} but a Variator layer received hidden "
                 f"states for batch {batch_size} x {seq_len} tokens. Call the model (not an inner layer) with the "
-                "attention_mask of this batch."
+                "attention_mask of this batch. If the model lengthens the sequence itself (Longformer pads it to a "
+                "multiple of `config.attention_window`), pad the input to that length first "
+                "(`tokenizer(..., padding=True, pad_to_multiple_of=...)`)."
             )
         if mask.shape[1] > seq_len and not recorded.continues_cache:
             raise ValueError(

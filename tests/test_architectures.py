@@ -445,6 +445,16 @@ def test_ffns_split_over_two_linears_are_found_as_pairs():
     assert found == [f"model.decoder.layers.{i}.{name}" for i in range(LAYERS) for name in ("fc1", "fc2")]
 
 
+def test_linears_around_the_layer_stack_are_not_taken_for_an_ffn():
+    # OPT-350m projects its 512-wide embeddings to the hidden size and back (`project_in` / `project_out`).
+    config = OPTConfig(
+        vocab_size=100, hidden_size=H, word_embed_proj_dim=16, ffn_dim=FFN_DIM, num_hidden_layers=LAYERS,
+        num_attention_heads=4,
+    )  # fmt: skip
+    found = find_ffns(AutoModelForCausalLM.from_config(config), hidden_size=H)
+    assert found == [f"model.decoder.layers.{i}.{name}" for i in range(LAYERS) for name in ("fc1", "fc2")]
+
+
 def test_explicit_target_modules_win_over_the_table():
     model = variator(AutoModelForCausalLM.from_config(DECODERS["llama"]), target_modules=["layers.1.mlp"])
     assert list(wrapped(model)) == ["base_model.model.model.layers.1.mlp"]
