@@ -72,9 +72,10 @@ def ffn_role(module: nn.Module, hidden_size: int | None) -> str | None:
 
 
 def more_than_an_ffn(module: nn.Module, hidden_size: int | None) -> str | None:
-    """Why a module that `ffn_role` calls a whole FFN is more than one (a transformer layer, an FFN block with its
-    norm and residual), or None. Compressing it would compress attention or the residual stream as well. A
-    mixture-of-experts block, which holds FFNs (shared experts) next to other per-token weights (router, experts),
+    """Why a module that `ffn_role` calls a whole FFN is more than one, or None: it holds attention's hidden -> hidden
+    projections, adds the residual itself (a `residual` argument), holds an FFN with only norms around it, or
+    normalises hidden-size vectors itself. Compressing it would compress attention or the residual stream as well.
+    A mixture-of-experts block, which holds FFNs (shared experts) next to other per-token weights (router, experts),
     is one FFN for Variator."""
     if hidden_size is None:
         return None
@@ -162,11 +163,18 @@ def linear_shapes(module: nn.Module) -> list[tuple[int, int]]:
 def find_ffns(model: nn.Module, hidden_size: int, within: nn.Module | None = None) -> list[str]:
     """Full names of the FFNs of `model` found by structure, for architectures missing from the table.
 
-    An FFN is the smallest module whose linear layers all map hidden -> I or I -> hidden for one intermediate size
-    I != hidden, with at least one of each: e.g. Llama's `mlp` (gate, up, down) but not the decoder layer around it,
-    which also holds attention projections. Where a layer holds the two FFN linears directly (OPT's fc1 / fc2), both
-    are returned, as the two halves of a split FFN. With `within`, only modules inside it are searched (the encoder
-    of an encoder-decoder model).
+    - A whole FFN is the smallest module whose linear layers all map hidden -> I or I -> hidden for one intermediate
+      size I != hidden (gate and up may be one fused hidden -> 2I Linear), with at least one of each, no more than two
+      reading the hidden states (three are attention's queries, keys and values) and nothing but vectors besides:
+      e.g. Llama's `mlp`, not the decoder layer around it. Where such a module is more than an FFN (it holds the norm,
+      or adds the residual: Funnel's FFN block, FNet's whole layer, BLOOM's `mlp`), its two linears are returned
+      instead, as the halves of a split FFN.
+    - Inside a stack of layers (a name with a numbered segment), a module with two children that each hold one
+      linear layer, hidden -> I and I -> hidden, gives those two: OPT's `fc1` / `fc2`, the `intermediate.dense` /
+      `output.dense` of BERT-style layers. Outside the stack such a pair is something else (OPT-350m's `project_out`
+      / `project_in` around its decoder).
+
+    With `within`, only modules inside it are searched (the encoder of an encoder-decoder model).
     """
     scope = {id(m) for m in within.modules()} if within is not None else None
     found: list[str] = []
@@ -181,53 +189,41 @@ def find_ffns(model: nn.Module, hidden_size: int, within: nn.Module | None = Non
             if more_than_an_ffn(module, hidden_size) is None:
                 found.append(name)
             else:
-                # An FFN block with its own norm and residual (Funnel's, FNet's whole layer): its two linears are the
-                # FFN, wrapped as the halves of a split one.
-                found.extend(f"{name}.{half}" for half in _linear_halves(module, hidden_size))
-        elif re.search(r"(?:^|\.)\d+$", name):
-            # Only inside one of a stack of layers: OPT-350m's decoder holds `project_out` (hidden -> 512) and
-            # `project_in` (512 -> hidden) around its layers, shaped like an FFN's halves.
-            found.extend(f"{name}.{half}" for half in _split_ffn_halves(module, hidden_size))
+                linears = _leaf_linears(module)
+                halves = _ffn_pair(linears, hidden_size) if len(linears) == 2 else []
+                found.extend(f"{name}.{half}" for half in halves)
+        elif re.search(r"(?:^|\.)\d+(?:\.|$)", name):
+            # Children holding exactly one linear layer each (attention holds several).
+            singles = []
+            for child_name, child in module.named_children():
+                linears = _leaf_linears(child)
+                if len(linears) == 1:
+                    leaf, shape = linears[0]
+                    singles.append((f"{child_name}.{leaf}" if leaf else child_name, shape))
+            found.extend(f"{name}.{half}" for half in _ffn_pair(singles, hidden_size))
     if found:
         logger.info("Variator found %d FFNs by structure: %s", len(found), ", ".join(found))
     return found
 
 
-def _split_ffn_halves(module: nn.Module, hidden_size: int) -> list[str]:
-    """Relative names of the two linear layers of a layer's FFN (hidden -> I, I -> hidden), each the only linear
-    layer of one child of `module`: OPT's `fc1` / `fc2` (the children themselves), or the `intermediate.dense` /
-    `output.dense` of BERT-style layers (whose `output` also holds the norm and adds the residual)."""
-    halves: dict[tuple[int, int], list[str]] = {}
-    for child_name, child in module.named_children():
-        linears = [
-            (name, linear_shapes(leaf)[0])
-            for name, leaf in child.named_modules()
-            if not list(leaf.children()) and len(linear_shapes(leaf)) == 1
-        ]
-        if len(linears) == 1:
-            name, shape = linears[0]
-            halves.setdefault(shape, []).append(f"{child_name}.{name}" if name else child_name)
-    widening = [shape for shape in halves if shape[0] == hidden_size and shape[1] != hidden_size]
-    if len(widening) != 1 or len(halves[widening[0]]) != 1:
-        return []
-    narrowing = halves.get((widening[0][1], hidden_size), [])
-    if len(narrowing) != 1:
-        return []
-    return [halves[widening[0]][0], narrowing[0]]
+def _leaf_linears(module: nn.Module) -> list[tuple[str, tuple[int, int]]]:
+    """The linear layers in `module` (itself included): relative name and (in, out) shape."""
+    linears = []
+    for name, leaf in module.named_modules():
+        shapes = linear_shapes(leaf) if not list(leaf.children()) else []
+        if len(shapes) == 1:
+            linears.append((name, shapes[0]))
+    return linears
 
 
-def _linear_halves(module: nn.Module, hidden_size: int) -> list[str]:
-    """Relative names of the one linear layer inside `module` that maps hidden -> I and the one that maps I -> hidden,
-    or nothing when there are more."""
-    leaves = [(name, linear_shapes(child)) for name, child in module.named_modules() if not list(child.children())]
-    linears = [(name, shapes[0]) for name, shapes in leaves if len(shapes) == 1]
+def _ffn_pair(linears: list[tuple[str, tuple[int, int]]], hidden_size: int) -> list[str]:
+    """The names of the one linear layer mapping hidden -> I and the one mapping I -> hidden among `linears`, or
+    nothing when either is missing or not alone."""
     widening = [(name, shape) for name, shape in linears if shape[0] == hidden_size and shape[1] != hidden_size]
     if len(widening) != 1:
         return []
     narrowing = [name for name, shape in linears if shape == (widening[0][1][1], hidden_size)]
-    if len(narrowing) != 1 or len(linears) != 2:
-        return []
-    return [widening[0][0], narrowing[0]]
+    return [widening[0][0], narrowing[0]] if len(narrowing) == 1 else []
 
 
 def _is_whole_ffn(module: nn.Module, hidden_size: int) -> bool:
@@ -238,8 +234,18 @@ def _is_whole_ffn(module: nn.Module, hidden_size: int) -> bool:
     size = narrowing.pop()
     # Gate and up projections may be one fused Linear (Phi-3's `gate_up_proj`, hidden -> 2 * I).
     widening = {(hidden_size, size), (hidden_size, 2 * size)}
-    return all(shape in widening | {(size, hidden_size)} for shape in shapes) and any(
-        shape in widening for shape in shapes
+    linears = [leaf for leaf in module.modules() if not list(leaf.children()) and linear_shapes(leaf)]
+    return (
+        all(shape in widening | {(size, hidden_size)} for shape in shapes)
+        # Gate and up at most: three (queries, keys, values) are attention with heads wider than the hidden size.
+        and 1 <= sum(shape in widening for shape in shapes) <= 2
+        # Nothing but vectors (biases, norms) besides: a convolution or state matrices mix tokens (Mamba's mixer, a
+        # conformer's convolution module, both shaped hidden -> 2C -> hidden).
+        and all(
+            parameter.dim() <= 1
+            for parameter in module.parameters()
+            if all(parameter is not leaf.weight for leaf in linears)
+        )
     )
 
 

@@ -32,7 +32,7 @@ _MERGE_ERROR = (
 
 
 # Architectures whose layers see (seq_len, batch, hidden).
-SEQUENCE_FIRST_MODEL_TYPES = frozenset({"xlnet"})
+SEQUENCE_FIRST_MODEL_TYPES = frozenset({"fsmt", "xlnet"})
 
 
 class VariatorModel(BaseTuner):
@@ -109,7 +109,8 @@ class VariatorModel(BaseTuner):
                 raise ValueError(
                     f"Variator found no FFN (a block mapping hidden -> intermediate -> hidden) in "
                     f"{type(model).__name__}. Pass the FFN modules explicitly, e.g. "
-                    "`VariatorConfig(target_modules=['mlp'])`."
+                    "`VariatorConfig(target_modules=['mlp'])`. Mixture-of-experts blocks whose experts are stacked "
+                    "3-D weights rather than Linear layers (Mixtral, Qwen3-MoE, ...) are not supported."
                 )
             peft_config.target_modules = found
         self._split_pairs = self._plan_targets(peft_config, model)

@@ -56,7 +56,7 @@ class _Recorded:
         self.batch_size = mask.shape[0] if mask is not None else batch_size
         self.continues_cache = continues_cache
         self.logits_kept = logits_kept
-        self.layouts: dict[tuple[int, int, int, bool, torch.device], GroupLayout] = {}
+        self.layouts: dict[tuple[int, int, int, int, torch.device], GroupLayout] = {}
 
 
 class PaddingContext:
@@ -90,9 +90,6 @@ class PaddingContext:
         continues_cache: bool = False,
         logits_kept: int = 0,
     ) -> None:
-        if attention_mask is not None and attention_mask.dim() == 3 and not attention_mask.is_floating_point():
-            # A multiple-choice model's (batch, choices, seq_len) mask: it folds the choices into the batch itself.
-            attention_mask = attention_mask.reshape(-1, attention_mask.shape[-1])
         if attention_mask is not None and attention_mask.dim() != 2:
             raise ValueError(
                 "Variator needs a 2-D padding mask `attention_mask` of shape (batch, seq_len) to group real tokens, "
@@ -148,7 +145,7 @@ class PaddingContext:
                 f"model's last call had {recorded.batch_size} sequences. Layers must run inside a call of the model "
                 "itself (not called directly, nor recomputed by gradient checkpointing after another call), on "
                 "(batch, seq_len, hidden) in the call's batch order: architectures that run their layers "
-                "sequence-first (XLNet) are not supported."
+                "sequence-first (XLNet, FSMT) are not supported."
             )
         # Every position whose logits the caller reads runs exact, as the last prompt token does.
         exact_tail = max(1, self.decode_tokens, recorded.logits_kept) if exact_last_token else 0
@@ -193,8 +190,9 @@ class PaddingContext:
             raise ValueError(
                 f"A Variator layer received {seq_len} tokens per sequence, but the model was called with "
                 f"{mask.shape[1]} and no KV cache: the architecture shortens the sequence before this layer (Funnel's "
-                "pooling), so the layer cannot tell which of its tokens are padding. Target only the layers that see "
-                "the whole sequence (`layers_to_transform`)."
+                "pooling; a speech model whose mask counts audio samples), so the layer cannot tell which of its "
+                "tokens are padding. Run unpadded batches, or target only layers that see the whole sequence "
+                "(`layers_to_transform`)."
             )
         # With a KV cache the mask also covers earlier tokens; the hidden states are the newest ones.
         return mask[:, mask.shape[1] - seq_len :]
@@ -275,17 +273,26 @@ def _record(module: nn.Module, args: tuple, kwargs: dict) -> None:
     # The batch size lets layers regroup tokens that an architecture flattens before its FFN (OPT). Only from
     # (batch, seq_len) ids or (batch, seq_len, hidden) embeddings: multiple-choice models fold more into the batch.
     batch_size = None
+    attention_mask = argument("attention_mask")
     for name, dims in (("input_ids", 2), ("inputs_embeds", 3)):
         value = argument(name)
         if isinstance(value, torch.Tensor) and value.dim() == dims:
             batch_size = value.shape[0]
+            break
+        if isinstance(value, torch.Tensor) and value.dim() == dims + 1 and _has_dims(attention_mask, 3):
+            # A multiple-choice model's (batch, choices, seq_len) inputs: it folds the choices into the batch itself.
+            attention_mask = attention_mask.reshape(-1, attention_mask.shape[-1])
             break
     continues_cache = any(argument(name) is not None for name in _CACHE_ARGUMENTS)
     logits_kept = argument("logits_to_keep")
     if not isinstance(logits_kept, int) or isinstance(logits_kept, bool) or logits_kept < 0:
         # A tensor of positions (or nothing): logits anywhere, as in training, where every token is compressed.
         logits_kept = 0
-    context.record(argument("attention_mask"), batch_size, continues_cache, logits_kept)
+    context.record(attention_mask, batch_size, continues_cache, logits_kept)
+
+
+def _has_dims(value: Any, dims: int) -> bool:
+    return isinstance(value, torch.Tensor) and value.dim() == dims
 
 
 # How entry points of transformers' models are handed a KV cache, old and new.
@@ -300,8 +307,9 @@ def _argument_positions(module_class: type) -> dict[str, int]:
 
 class _MaskRecordingForward:
     """An entry point's `forward`, set on the instance, for callers that skip `__call__` and so the pre-hook:
-    sentence-transformers calls `forward` directly. Records the call's mask, then runs the forward (a second record
-    of the same call, after the pre-hook's, is recognised as such).
+    sentence-transformers calls `forward` directly. Records the call's mask, then runs the forward, counted as a call
+    in flight. Called through `module(...)`, the call is recorded twice, by the pre-hook and here, both before it
+    counts: the second record replaces the first with the same content, before any layer has planned from it.
 
     Holds its module (not a bound method) so deep copies and pickles of the model rebuild it around the copy. Wraps
     an instance-level `forward` already in place (accelerate's device-map hooks) and puts it back on detach.

@@ -407,6 +407,13 @@ def test_multiple_choice_models_fold_their_choices_mask_into_the_batch():
         torch.testing.assert_close(model(input_ids=other_padding, attention_mask=mask).logits, logits)
 
 
+def test_a_3d_mask_that_is_not_a_multiple_choice_one_is_refused():
+    model = variator(AutoModel.from_config(ENCODERS["bert"]).eval())
+    ids = torch.randint(5, 100, (2, 8))
+    with pytest.raises(ValueError, match="needs a 2-D padding mask"), torch.no_grad():
+        model(input_ids=ids, attention_mask=torch.ones(2, 8, 8, dtype=torch.long))
+
+
 def test_layers_that_see_a_shortened_sequence_are_refused_at_run_time():
     """Funnel pools the sequence between blocks: a layer there cannot tell which of its tokens are padding."""
     config = FunnelConfig(vocab_size=100, block_sizes=[1, 1], d_model=H, n_head=2, d_head=16, d_inner=FFN_DIM)
@@ -453,6 +460,42 @@ def test_linears_around_the_layer_stack_are_not_taken_for_an_ffn():
     )  # fmt: skip
     found = find_ffns(AutoModelForCausalLM.from_config(config), hidden_size=H)
     assert found == [f"model.decoder.layers.{i}.{name}" for i in range(LAYERS) for name in ("fc1", "fc2")]
+
+
+def test_ffns_inside_named_sub_layers_of_a_layer_stack_are_found_and_attention_is_not():
+    """Grounding DINO's encoder layers hold sub-layers by name, each with fc1 / fc2 next to attention, and a fusion
+    layer whose attention heads are wider than the hidden size (queries, keys and values hidden -> I)."""
+    config = AutoConfig.for_model(
+        "grounding-dino", vocab_size=100, hidden_size=H, num_hidden_layers=2, num_attention_heads=4,
+        intermediate_size=FFN_DIM,
+    )  # fmt: skip
+    with torch.device("meta"):
+        model = AutoModel.from_config(config)
+    found = [name for name in find_ffns(model, H) if name.startswith("encoder.layers.0.")]
+    sub_layers = ("text_enhancer_layer", "deformable_layer")
+    assert found == [f"encoder.layers.0.{sub_layer}.{fc}" for sub_layer in sub_layers for fc in ("fc1", "fc2")]
+
+
+def test_token_mixing_blocks_shaped_like_an_ffn_are_not_taken_for_one():
+    """Zamba's Mamba mixer maps hidden -> 2C -> hidden like a fused gated FFN, but its convolution and state mix
+    tokens."""
+    config = AutoConfig.for_model(
+        "zamba", vocab_size=100, hidden_size=H, num_hidden_layers=4, layer_types=["mamba", "hybrid"] * 2,
+        num_attention_heads=4, attention_hidden_size=2 * H, attention_head_dim=16, intermediate_size=FFN_DIM,
+        mamba_expand=2, mamba_dt_rank=4, n_mamba_heads=2,
+    )  # fmt: skip
+    found = find_ffns(AutoModel.from_config(config), H)
+    assert found and not any("mamba" in name for name in found)
+
+
+def test_models_that_run_their_layers_sequence_first_include_fsmt():
+    config = AutoConfig.for_model(
+        "fsmt", src_vocab_size=100, tgt_vocab_size=100, d_model=H, encoder_layers=2, decoder_layers=2,
+        encoder_attention_heads=4, decoder_attention_heads=4, encoder_ffn_dim=FFN_DIM, decoder_ffn_dim=FFN_DIM,
+        langs=["en", "de"],
+    )  # fmt: skip
+    with pytest.raises(ValueError, match="sequence-first"):
+        get_peft_model(AutoModel.from_config(config), VariatorConfig(ratio=2))
 
 
 def test_explicit_target_modules_win_over_the_table():
