@@ -17,8 +17,10 @@ from __future__ import annotations
 import argparse
 import importlib.util
 import os
+from collections.abc import Sequence
 
 import torch
+from arguments import at_least, positive
 from datasets import load_dataset
 from peft import PeftModel, get_peft_model
 from torch.utils.data import DataLoader
@@ -36,7 +38,7 @@ from peft_variator.data import LABELS, load_tweets, tokenize
 from peft_variator.trainer import VariatorTrainer
 
 
-def parse_args() -> argparse.Namespace:
+def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument(
         "--model",
@@ -46,26 +48,38 @@ def parse_args() -> argparse.Namespace:
     parser.add_argument(
         "--plugins", nargs="+", default=None, help="Pre-trained plugin directories from stage 1 (one per ratio)."
     )
-    parser.add_argument("--ratios", type=int, nargs="+", default=[4], help="Ratios of new plugins, without --plugins.")
-    parser.add_argument("--adapter-dim", type=int, default=64, help="Adapter width of new plugins.")
+    parser.add_argument(
+        "--ratios", type=at_least(2), nargs="+", default=[4], help="Ratios of new plugins, without --plugins."
+    )
+    parser.add_argument("--adapter-dim", type=at_least(1), default=64, help="Adapter width of new plugins.")
     parser.add_argument("--dataset", default=None, help="A `datasets` name. Default: the bundled tweets, offline.")
     parser.add_argument("--dataset-config", default=None)
     parser.add_argument("--text-column", default="text")
     parser.add_argument("--label-column", default="label", help="Integer class ids.")
     parser.add_argument("--train-split", default="train")
     parser.add_argument("--eval-split", default="test")
-    parser.add_argument("--max-examples", type=int, default=640, help="Labelled examples to adapt the plugins on.")
-    parser.add_argument("--eval-examples", type=int, default=500, help="Examples to score at the end.")
-    parser.add_argument("--finetune-examples", type=int, default=2000, help="Without --model: examples to fine-tune.")
-    parser.add_argument("--max-length", type=int, default=64)
-    parser.add_argument("--batch-size", type=int, default=16)
-    parser.add_argument("--epochs", type=float, default=1.0)
-    parser.add_argument("--lr", type=float, default=1e-3)
-    parser.add_argument("--task-weight", type=float, default=1.0, help="Weight of the classification loss.")
-    parser.add_argument("--distill-weight", type=float, default=1.0, help="Weight of the hidden-state MSE.")
-    parser.add_argument("--logits-weight", type=float, default=0.0, help="Weight of the teacher/student logits KL.")
+    parser.add_argument(
+        "--max-examples", type=at_least(1), default=640, help="Labelled examples to adapt the plugins on."
+    )
+    parser.add_argument("--eval-examples", type=at_least(1), default=500, help="Examples to score at the end.")
+    parser.add_argument(
+        "--finetune-examples", type=at_least(1), default=2000, help="Without --model: examples to fine-tune."
+    )
+    parser.add_argument("--max-length", type=at_least(1), default=64)
+    parser.add_argument("--batch-size", type=at_least(1), default=16)
+    parser.add_argument("--epochs", type=positive, default=1.0)
+    parser.add_argument("--lr", type=positive, default=1e-3)
+    parser.add_argument(
+        "--task-weight", type=at_least(0.0, float), default=1.0, help="Weight of the classification loss."
+    )
+    parser.add_argument(
+        "--distill-weight", type=at_least(0.0, float), default=1.0, help="Weight of the hidden-state MSE."
+    )
+    parser.add_argument(
+        "--logits-weight", type=at_least(0.0, float), default=0.0, help="Weight of the teacher/student logits KL."
+    )
     parser.add_argument("--output-dir", default="plugins/adapted", help="Where the adapted plugins (one per name) go.")
-    return parser.parse_args()
+    return parser.parse_args(argv)
 
 
 def load_splits(args: argparse.Namespace, tokenizer):

@@ -19,8 +19,10 @@ from __future__ import annotations
 import argparse
 import importlib.util
 import os
+from collections.abc import Sequence
 
 import torch
+from arguments import at_least, positive
 from datasets import load_dataset
 from peft import get_peft_model
 from transformers import (
@@ -39,7 +41,7 @@ from peft_variator.trainer import VariatorTrainer
 MODEL_CLASSES = {"sequence-classification": AutoModelForSequenceClassification, "causal-lm": AutoModelForCausalLM}
 
 
-def parse_args() -> argparse.Namespace:
+def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument(
         "--model",
@@ -53,11 +55,13 @@ def parse_args() -> argparse.Namespace:
         help="Auto class to load the model with. Use the class of the model you will adapt the plugins to in stage "
         "2, so the plugin weight names match; the head itself is neither trained nor saved.",
     )
-    parser.add_argument("--ratios", type=int, nargs="+", default=[2, 4, 8], help="One plugin per ratio.")
-    parser.add_argument("--adapter-dim", type=int, default=64, help="Bottleneck width of the decompression adapter.")
+    parser.add_argument("--ratios", type=at_least(2), nargs="+", default=[2, 4, 8], help="One plugin per ratio.")
+    parser.add_argument(
+        "--adapter-dim", type=at_least(1), default=64, help="Bottleneck width of the decompression adapter."
+    )
     parser.add_argument(
         "--layers",
-        type=int,
+        type=at_least(0),
         nargs="+",
         default=None,
         help="Compress only these layers (`layers_to_transform`; default: every layer). Decoder LLMs keep far more of "
@@ -67,11 +71,11 @@ def parse_args() -> argparse.Namespace:
     parser.add_argument("--dataset-config", default=None, help="Configuration name of --dataset, if it has several.")
     parser.add_argument("--split", default="train", help="Split of --dataset to train on.")
     parser.add_argument("--text-column", default="text", help="Column of --dataset holding the text.")
-    parser.add_argument("--max-examples", type=int, default=1000, help="Train on at most this many texts.")
-    parser.add_argument("--max-length", type=int, default=128, help="Truncate texts to this many tokens.")
-    parser.add_argument("--batch-size", type=int, default=16)
-    parser.add_argument("--epochs", type=float, default=1.0)
-    parser.add_argument("--lr", type=float, default=1e-3, help="Learning rate (reference: 1e-3).")
+    parser.add_argument("--max-examples", type=at_least(1), default=1000, help="Train on at most this many texts.")
+    parser.add_argument("--max-length", type=at_least(1), default=128, help="Truncate texts to this many tokens.")
+    parser.add_argument("--batch-size", type=at_least(1), default=16)
+    parser.add_argument("--epochs", type=positive, default=1.0)
+    parser.add_argument("--lr", type=positive, default=1e-3, help="Learning rate (reference: 1e-3).")
     parser.add_argument(
         "--distill-layers",
         choices=["last", "all"],
@@ -80,21 +84,21 @@ def parse_args() -> argparse.Namespace:
     )
     parser.add_argument(
         "--logits-weight",
-        type=float,
+        type=at_least(0.0, float),
         default=0.0,
         help="Also distill the next-token logits (KL) with this weight: for causal LMs, where it keeps the next token "
         "far better (docs/benchmarks.md). Leave 0 for classification models, whose stage-1 head is untrained.",
     )
     parser.add_argument(
         "--decode-tokens",
-        type=int,
+        type=at_least(0),
         default=None,
         help="Causal LMs: the last this many tokens of each text run exact while training, standing for generated "
         "tokens, and the logits KL counts them only (default: VariatorTrainer's, 8 for causal LMs).",
     )
     parser.add_argument("--output-dir", default="plugins/pretrained", help="Where the adapters (ratio<k>/) go.")
     parser.add_argument("--bf16", action="store_true", help="Mixed precision (plugin weights stay float32).")
-    return parser.parse_args()
+    return parser.parse_args(argv)
 
 
 def offline_minilm() -> str:

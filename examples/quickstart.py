@@ -22,6 +22,7 @@ import warnings
 from collections.abc import Sequence
 
 import torch
+from arguments import at_least
 from peft import get_peft_model
 from torch.utils.data import DataLoader
 from transformers import (
@@ -52,28 +53,21 @@ def minilm_path() -> str:
     return os.path.join(list(spec.submodule_search_locations)[0], "model")
 
 
-def positive_int(text: str) -> int:
-    value = int(text)
-    if value < 1:
-        raise argparse.ArgumentTypeError(f"must be >= 1, got {value}")
-    return value
-
-
 def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument(
-        "--repeats", type=positive_int, default=5, help="timed forwards per variant, after one warm-up (default 5)"
+        "--repeats", type=at_least(1), default=5, help="timed forwards per variant, after one warm-up (default 5)"
     )
-    parser.add_argument("--batch", type=positive_int, default=16, help="sequences per timed batch (default 16)")
+    parser.add_argument("--batch", type=at_least(1), default=16, help="sequences per timed batch (default 16)")
     parser.add_argument(
-        "--seq-len", type=positive_int, default=256, help="tokens per timed sequence, at most 512 (default 256)"
+        "--seq-len", type=at_least(1), default=256, help="tokens per timed sequence, at most 512 (default 256)"
     )
     parser.add_argument("--skip-training", action="store_true", help="only attach, switch and time the plugins")
     parser.add_argument(
-        "--train-examples", type=positive_int, default=3000, help="tweets for each training stage (default 3000)"
+        "--train-examples", type=at_least(1), default=3000, help="tweets for each training stage (default 3000)"
     )
     parser.add_argument(
-        "--test-examples", type=positive_int, default=1000, help="held-out tweets for accuracy (default 1000)"
+        "--test-examples", type=at_least(1), default=1000, help="held-out tweets for accuracy (default 1000)"
     )
     args = parser.parse_args(argv)
     max_positions = AutoConfig.from_pretrained(minilm_path()).max_position_embeddings

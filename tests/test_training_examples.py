@@ -3,6 +3,7 @@ stage 2 starts from the plugins stage 1 wrote."""
 
 from __future__ import annotations
 
+import importlib
 import os
 import re
 import subprocess
@@ -82,22 +83,28 @@ def test_pretraining_under_torchrun_on_cpu_trains_the_processes_as_one_group(tmp
 
 
 @pytest.mark.parametrize(
-    ("arguments", "message"),
+    ("example", "arguments", "message"),
     [
-        (["--repeats", "0"], "argument --repeats: must be >= 1, got 0"),
-        (["--batch", "0"], "argument --batch: must be >= 1, got 0"),
-        (["--seq-len", "1024"], "--seq-len must be at most 512"),
-        (["--train-examples", "20000"], "--train-examples must be at most 17171"),
-        (["--test-examples", "5000"], "--test-examples must be at most 3816"),
+        ("quickstart", ["--repeats", "0"], "argument --repeats: must be >= 1, got 0"),
+        ("quickstart", ["--batch", "0"], "argument --batch: must be >= 1, got 0"),
+        ("quickstart", ["--seq-len", "1024"], "--seq-len must be at most 512"),
+        ("quickstart", ["--train-examples", "20000"], "--train-examples must be at most 17171"),
+        ("quickstart", ["--test-examples", "5000"], "--test-examples must be at most 3816"),
+        ("pretrain_plugins", ["--ratios", "4", "1"], "argument --ratios: must be >= 2, got 1"),
+        ("pretrain_plugins", ["--batch-size", "0"], "argument --batch-size: must be >= 1, got 0"),
+        ("pretrain_plugins", ["--lr", "0"], "argument --lr: must be > 0, got 0.0"),
+        ("adapt_plugins", ["--max-examples", "-3"], "argument --max-examples: must be >= 1, got -3"),
+        ("adapt_plugins", ["--logits-weight", "-1"], "argument --logits-weight: must be >= 0.0, got -1.0"),
+        ("adapt_plugins", ["--epochs", "abc"], "argument --epochs: invalid positive value: 'abc'"),
     ],
 )
-def test_quickstart_refuses_bad_options_naming_the_option_and_the_limit(arguments, message, capsys):
+def test_examples_refuse_bad_options_naming_the_option_and_the_limit(example, arguments, message, capsys):
     sys.path.insert(0, EXAMPLES)
     try:
-        import quickstart
+        module = importlib.import_module(example)
     finally:
         sys.path.remove(EXAMPLES)
     with pytest.raises(SystemExit) as exit_info:
-        quickstart.parse_args(arguments)
+        module.parse_args(arguments)
     assert exit_info.value.code == 2
     assert message in capsys.readouterr().err
