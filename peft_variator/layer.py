@@ -111,18 +111,18 @@ class VariatorLayer(nn.Module, BaseTunerLayer):
         self, ffn_output: torch.Tensor, tokens: torch.Tensor, layout: GroupLayout, adapter_name: str
     ) -> torch.Tensor:
         adapter = self._decompressor(adapter_name)
-        offloaded = [module for module in adapter if _offloading_hook(module) is not None]
+        offloaded = [(module, hook) for module in adapter if (hook := _offloading_hook(module)) is not None]
         if not offloaded:
             return decompress(ffn_output, tokens, layout, adapter)
         # accelerate's offloading (a `device_map` with "cpu" or "disk", `cpu_offload`) keeps each Linear's weights on
         # the meta device and loads them for that Linear's own forward only; decompression reads them directly.
-        for module in offloaded:
-            module._hf_hook.pre_forward(module)
+        for module, hook in offloaded:
+            hook.pre_forward(module)
         try:
             return decompress(ffn_output, tokens, layout, adapter)
         finally:
-            for module in offloaded:
-                module._hf_hook.post_forward(module, None)
+            for module, hook in offloaded:
+                hook.post_forward(module, None)
 
     def merge(self, safe_merge: bool = False, adapter_names: list[str] | None = None) -> None:
         raise ValueError(

@@ -276,10 +276,10 @@ def _record(module: nn.Module, args: tuple, kwargs: dict) -> None:
     attention_mask = argument("attention_mask")
     for name, dims in (("input_ids", 2), ("inputs_embeds", 3)):
         value = argument(name)
-        if isinstance(value, torch.Tensor) and value.dim() == dims:
+        if _has_dims(value, dims):
             batch_size = value.shape[0]
             break
-        if isinstance(value, torch.Tensor) and value.dim() == dims + 1 and _has_dims(attention_mask, 3):
+        if _has_dims(value, dims + 1) and _has_dims(attention_mask, 3):
             # A multiple-choice model's (batch, choices, seq_len) inputs: it folds the choices into the batch itself.
             attention_mask = attention_mask.reshape(-1, attention_mask.shape[-1])
             break
