@@ -26,7 +26,7 @@ from dataclasses import dataclass, field
 
 import torch
 from peft import get_peft_model
-from transformers import AutoModel, BertConfig, BertModel, LlamaConfig, LlamaModel
+from transformers import AutoModel, BertConfig, BertModel, LlamaConfig, LlamaModel, MixtralConfig, MixtralModel
 
 import peft_variator  # noqa: F401  (registers the method)
 from peft_variator import VariatorConfig
@@ -86,6 +86,27 @@ CASES = {
         512,
         32000,
         # What a causal LM gets by default (the trunk alone, `LlamaModel`, does not).
+        config={"exact_last_token": True},
+    ),
+    # A mixture of experts: the router and the experts run on the compressed vectors.
+    "mixtral-prefill": Case(
+        "Mixtral-style prefill, 8 layers, hidden 768, 8 experts of 1536, top-2 (random weights) 4 x 512",
+        lambda: MixtralModel(
+            MixtralConfig(
+                hidden_size=768,
+                intermediate_size=1536,
+                num_hidden_layers=8,
+                num_attention_heads=12,
+                num_key_value_heads=4,
+                num_local_experts=8,
+                num_experts_per_tok=2,
+                vocab_size=32000,
+                max_position_embeddings=1024,
+            )
+        ),
+        4,
+        512,
+        32000,
         config={"exact_last_token": True},
     ),
 }

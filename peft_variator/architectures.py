@@ -5,9 +5,11 @@ from __future__ import annotations
 import inspect
 import logging
 import re
+from collections.abc import Iterator
 from dataclasses import dataclass
 
 import torch
+from peft.tuners.tuners_utils import BaseTunerLayer
 from torch import nn
 
 logger = logging.getLogger(__name__)
@@ -56,7 +58,11 @@ FFN_LOCATIONS: dict[str, FFNLocation] = {
 
 def ffn_role(module: nn.Module, hidden_size: int | None) -> str | None:
     """What part of an FFN `module` is, from its linear layers: `"ffn"` (hidden -> I -> hidden, the whole FFN),
-    `"input"` (hidden -> I, the first half of a split FFN), `"output"` (I -> hidden, the second half), or None."""
+    `"input"` (hidden -> I, the first half of a split FFN), `"output"` (I -> hidden, the second half), or None.
+    A mixture-of-experts block is a whole FFN."""
+    expert_hidden_size = expert_block_hidden_size(module)
+    if expert_hidden_size is not None and hidden_size in (None, expert_hidden_size):
+        return "ffn"
     shapes = linear_shapes(module)
     if not shapes:
         return None
@@ -71,6 +77,52 @@ def ffn_role(module: nn.Module, hidden_size: int | None) -> str | None:
     return None
 
 
+def expert_block_hidden_size(module: nn.Module) -> int | None:
+    """The hidden size a mixture-of-experts block reads and writes, or None when `module` is not one.
+
+    transformers stacks the routed experts' weights of such a block into 3-D parameters `(num_experts, ., .)`
+    (Mixtral, Qwen3-MoE, OLMoE, GPT-OSS, DeepSeek-V2/V3, Llama 4, ...), which `linear_shapes` does not see. The block
+    is recognised by its parameters: at least two stacked expert weights, each reading or writing vectors of the
+    router's input size, a router (a `(num_experts, hidden)` matrix), other matrices only where they touch
+    hidden-size vectors (shared experts and their gate) or hold per-expert values (biases, routing statistics), and a
+    forward that takes the hidden states and nothing else: the experts module on its own also takes the routing, and
+    attention with experts inside (JetMoE's) takes the mask, positions and cache.
+    """
+    parameters = _base_parameters(module)
+    stacked = [parameter for parameter in parameters if parameter.dim() == 3]
+    if len(stacked) < 2 or any(parameter.dim() > 3 for parameter in parameters):
+        return None
+    num_experts = stacked[0].shape[0]
+    if any(parameter.shape[0] != num_experts for parameter in stacked):
+        return None
+    named = [
+        parameter
+        for parameter in inspect.signature(_unwrapped(module).forward).parameters.values()
+        if parameter.kind not in (inspect.Parameter.VAR_POSITIONAL, inspect.Parameter.VAR_KEYWORD)
+    ]
+    if len(named) != 1:
+        return None
+    routers = {
+        shape[1]
+        for shape in (parameter.shape for parameter in parameters if parameter.dim() == 2)
+        if shape[0] == num_experts
+    }
+    for hidden_size in sorted(routers):
+        if all(hidden_size in parameter.shape[1:] for parameter in stacked) and all(
+            parameter.dim() == 1 or hidden_size in parameter.shape or num_experts in parameter.shape
+            for parameter in parameters
+        ):
+            return hidden_size
+    return None
+
+
+def ffn_hidden_size(module: nn.Module) -> int:
+    """The hidden size a whole FFN or the first half of a split one reads: its first linear layer's input, or a
+    mixture-of-experts block's."""
+    expert_hidden_size = expert_block_hidden_size(module)
+    return expert_hidden_size if expert_hidden_size is not None else linear_shapes(module)[0][0]
+
+
 def more_than_an_ffn(module: nn.Module, hidden_size: int | None) -> str | None:
     """Why a module that `ffn_role` calls a whole FFN is more than one, or None: it holds attention's hidden -> hidden
     projections, adds the residual itself (a `residual` argument), holds an FFN with only norms around it, or
@@ -81,15 +133,15 @@ def more_than_an_ffn(module: nn.Module, hidden_size: int | None) -> str | None:
         return None
     if any(inp == out == hidden_size for inp, out in linear_shapes(module)):
         return "it has hidden -> hidden projections, as attention does"
-    if "residual" in inspect.signature(module.forward).parameters:
+    if "residual" in inspect.signature(_unwrapped(module).forward).parameters:
         return "it adds the residual itself (its forward takes `residual`)"
-    for name, child in module.named_modules():
+    for name, child in base_named_modules(module):
         if name and _is_whole_ffn(child, hidden_size):
-            inside = {id(parameter) for parameter in child.parameters()}
-            around = [parameter for parameter in module.parameters() if id(parameter) not in inside]
+            inside = {id(parameter) for parameter in _base_parameters(child)}
+            around = [parameter for parameter in _base_parameters(module) if id(parameter) not in inside]
             if all(parameter.dim() <= 1 for parameter in around):
                 return f"it is the FFN {name!r} with what surrounds it (norms, the residual)"
-    for name, child in module.named_modules():
+    for name, child in base_named_modules(module):
         if name and _normalizes_hidden_states(child, hidden_size):
             # A norm over hidden-size vectors inside an FFN block sits at its input or output, with the residual
             # (Funnel and XLNet: `layer_norm(x + ffn(x))`); one inside the FFN would normalise intermediate vectors.
@@ -152,7 +204,7 @@ def linear_shapes(module: nn.Module) -> list[tuple[int, int]]:
     GPT-2's `Conv1D` stores its weight as (in, out) and is read accordingly.
     """
     shapes = []
-    for child in module.modules():
+    for _, child in base_named_modules(module):
         if isinstance(child, nn.Linear):
             shapes.append((child.in_features, child.out_features))
         elif type(child).__name__ == "Conv1D" and getattr(child, "weight", None) is not None:
@@ -169,6 +221,8 @@ def find_ffns(model: nn.Module, hidden_size: int, within: nn.Module | None = Non
       e.g. Llama's `mlp`, not the decoder layer around it. Where such a module is more than an FFN (it holds the norm,
       or adds the residual: Funnel's FFN block, FNet's whole layer, BLOOM's `mlp`), its two linears are returned
       instead, as the halves of a split FFN.
+    - A mixture-of-experts block that is a child of a numbered layer (`layers.3.mlp`) is a whole FFN: its router and
+      experts run on the compressed vectors. Deeper down, experts are part of something else (JetMoE's attention).
     - Inside a stack of layers (a name with a numbered segment), a module with two children that each hold one
       linear layer, hidden -> I and I -> hidden, gives those two: OPT's `fc1` / `fc2`, the `intermediate.dense` /
       `output.dense` of BERT-style layers. Outside the stack such a pair is something else (OPT-350m's `project_out`
@@ -176,15 +230,19 @@ def find_ffns(model: nn.Module, hidden_size: int, within: nn.Module | None = Non
 
     With `within`, only modules inside it are searched (the encoder of an encoder-decoder model).
     """
-    scope = {id(m) for m in within.modules()} if within is not None else None
+    scope = {id(m) for _, m in base_named_modules(within)} if within is not None else None
     found: list[str] = []
-    for name, module in model.named_modules():
+    for name, module in base_named_modules(model):
         if not name or (scope is not None and id(module) not in scope):
             continue
         if any(name.startswith(prefix + ".") for prefix in found):
             continue
-        if _is_whole_ffn(module, hidden_size):
-            if any(_is_whole_ffn(child, hidden_size) for child in module.children()):
+        in_layer = re.search(r"(?:^|\.)\d+$", name.rpartition(".")[0]) is not None
+        if in_layer and expert_block_hidden_size(module) == hidden_size:
+            if more_than_an_ffn(module, hidden_size) is None:
+                found.append(name)
+        elif _is_whole_ffn(module, hidden_size):
+            if any(_is_whole_ffn(child, hidden_size) for _, child in _base_children(module)):
                 continue
             if more_than_an_ffn(module, hidden_size) is None:
                 found.append(name)
@@ -195,7 +253,7 @@ def find_ffns(model: nn.Module, hidden_size: int, within: nn.Module | None = Non
         elif re.search(r"(?:^|\.)\d+(?:\.|$)", name):
             # Children holding exactly one linear layer each (attention holds several).
             singles = []
-            for child_name, child in module.named_children():
+            for child_name, child in _base_children(module):
                 linears = _leaf_linears(child)
                 if len(linears) == 1:
                     leaf, shape = linears[0]
@@ -209,7 +267,7 @@ def find_ffns(model: nn.Module, hidden_size: int, within: nn.Module | None = Non
 def _leaf_linears(module: nn.Module) -> list[tuple[str, tuple[int, int]]]:
     """The linear layers in `module` (itself included): relative name and (in, out) shape."""
     linears = []
-    for name, leaf in module.named_modules():
+    for name, leaf in base_named_modules(module):
         shapes = linear_shapes(leaf) if not list(leaf.children()) else []
         if len(shapes) == 1:
             linears.append((name, shapes[0]))
@@ -234,7 +292,7 @@ def _is_whole_ffn(module: nn.Module, hidden_size: int) -> bool:
     size = narrowing.pop()
     # Gate and up projections may be one fused Linear (Phi-3's `gate_up_proj`, hidden -> 2 * I).
     widening = {(hidden_size, size), (hidden_size, 2 * size)}
-    linears = [leaf for leaf in module.modules() if not list(leaf.children()) and linear_shapes(leaf)]
+    linears = [leaf for _, leaf in base_named_modules(module) if not list(leaf.children()) and linear_shapes(leaf)]
     return (
         all(shape in widening | {(size, hidden_size)} for shape in shapes)
         # Gate and up at most: three (queries, keys, values) are attention with heads wider than the hidden size.
@@ -243,10 +301,32 @@ def _is_whole_ffn(module: nn.Module, hidden_size: int) -> bool:
         # conformer's convolution module, both shaped hidden -> 2C -> hidden).
         and all(
             parameter.dim() <= 1
-            for parameter in module.parameters()
+            for parameter in _base_parameters(module)
             if all(parameter is not leaf.weight for leaf in linears)
         )
     )
+
+
+def base_named_modules(module: nn.Module, prefix: str = "") -> Iterator[tuple[str, nn.Module]]:
+    """`module.named_modules()` as the base model has them: a tuner layer (the wrapper of an adapter added earlier)
+    stands for its base layer, under the wrapper's own name, so a second adapter finds the FFNs the first one did and
+    its plugin weights are not taken for the FFN's."""
+    module = _unwrapped(module)
+    yield prefix, module
+    for name, child in module.named_children():
+        yield from base_named_modules(child, f"{prefix}.{name}" if prefix else name)
+
+
+def _unwrapped(module: nn.Module) -> nn.Module:
+    return module.get_base_layer() if isinstance(module, BaseTunerLayer) else module
+
+
+def _base_children(module: nn.Module) -> Iterator[tuple[str, nn.Module]]:
+    return _unwrapped(module).named_children()
+
+
+def _base_parameters(module: nn.Module) -> list[nn.Parameter]:
+    return [parameter for _, child in base_named_modules(module) for parameter in child.parameters(recurse=False)]
 
 
 def hidden_size_of(model_config: dict) -> int | None:

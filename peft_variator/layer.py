@@ -17,7 +17,7 @@ import torch
 from peft.tuners.tuners_utils import BaseTunerLayer
 from torch import nn
 
-from .architectures import linear_shapes
+from .architectures import ffn_hidden_size, linear_shapes
 from .config import VariatorConfig
 from .padding import PaddingContext
 from .plugin import DecompressionAdapter, GroupLayout, compress, decompress, init_score
@@ -174,7 +174,7 @@ class VariatorFFN(VariatorLayer):
     def __init__(
         self, base_layer: nn.Module, adapter_name: str, config: VariatorConfig, padding: PaddingContext
     ) -> None:
-        super().__init__(base_layer, padding, linear_shapes(base_layer)[0][0])
+        super().__init__(base_layer, padding, ffn_hidden_size(base_layer))
         self.variator_compressor = nn.ModuleDict()
         self._init_decompressor()
         self._active_adapter = adapter_name
@@ -194,9 +194,12 @@ class VariatorFFN(VariatorLayer):
             return self.base_layer(hidden, *args, **kwargs)
         compressed = compress(sequences, layout, self.variator_compressor[adapter_name])
         ffn_output = self.base_layer(self._flattened_like(compressed, hidden), *args, **kwargs)
+        # Some mixture-of-experts blocks (GPT-OSS, Llama 4) also return their router's scores, which their layer
+        # discards: handed back as they are, one row per compressed vector.
+        ffn_output, *router_outputs = ffn_output if isinstance(ffn_output, tuple) else (ffn_output,)
         grouped = ffn_output.reshape(compressed.shape)
-        restored = self._decompress(grouped, sequences, layout, adapter_name)
-        return self._flattened_like(restored, hidden)
+        restored = self._flattened_like(self._decompress(grouped, sequences, layout, adapter_name), hidden)
+        return (restored, *router_outputs) if router_outputs else restored
 
 
 class SplitFFNState(threading.local):
@@ -245,7 +248,7 @@ class VariatorFFNInput(VariatorLayer):
         padding: PaddingContext,
         state: SplitFFNState,
     ) -> None:
-        super().__init__(base_layer, padding, linear_shapes(base_layer)[0][0])
+        super().__init__(base_layer, padding, ffn_hidden_size(base_layer))
         self.state = state
         self.variator_compressor = nn.ModuleDict()
         self._active_adapter = adapter_name

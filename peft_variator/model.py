@@ -109,8 +109,7 @@ class VariatorModel(BaseTuner):
                 raise ValueError(
                     f"Variator found no FFN (a block mapping hidden -> intermediate -> hidden) in "
                     f"{type(model).__name__}. Pass the FFN modules explicitly, e.g. "
-                    "`VariatorConfig(target_modules=['mlp'])`. Mixture-of-experts blocks whose experts are stacked "
-                    "3-D weights rather than Linear layers (Mixtral, Qwen3-MoE, ...) are not supported."
+                    "`VariatorConfig(target_modules=['mlp'])`."
                 )
             peft_config.target_modules = found
         self._split_pairs = self._plan_targets(peft_config, model)

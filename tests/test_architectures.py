@@ -368,6 +368,79 @@ def test_ffns_of_other_shapes_are_found_by_structure_and_real_tokens_ignore_padd
     torch.testing.assert_close(padded[key][0, real], alone[key][0], rtol=0, atol=1e-5)
 
 
+# Mixture-of-experts blocks, whose routed experts transformers stacks into 3-D weights: Mixtral (router + experts),
+# Qwen2-MoE (and a shared expert with its own gate), GPT-OSS (per-expert biases; the block also returns its router
+# scores), JetMoE (experts inside attention too, which are not an FFN).
+EXPERTS = dict(num_experts_per_tok=2)
+MIXTURES_OF_EXPERTS = {
+    "mixtral": dict(num_local_experts=4),
+    "qwen2_moe": dict(num_experts=4, moe_intermediate_size=48, shared_expert_intermediate_size=40),
+    "gpt_oss": dict(num_local_experts=4, head_dim=8),
+    "jetmoe": dict(num_local_experts=4, kv_channels=16),
+}
+
+
+def mixture_of_experts(model_type: str):
+    config = AutoConfig.for_model(model_type, **DECODER, **EXPERTS, **MIXTURES_OF_EXPERTS[model_type])
+    torch.manual_seed(0)
+    return AutoModelForCausalLM.from_config(config).eval()
+
+
+@pytest.mark.parametrize("model_type", sorted(MIXTURES_OF_EXPERTS))
+def test_mixture_of_experts_blocks_are_compressed_whole_and_left_padding_does_not_change_real_tokens(model_type):
+    base = mixture_of_experts(model_type)
+    ids = torch.randint(3, 100, (2, 11))
+    mask = torch.ones_like(ids)
+    mask[0, :4] = 0
+    with torch.no_grad():
+        reference = base(input_ids=ids, attention_mask=mask).logits
+        reference_tokens = base.generate(input_ids=ids, attention_mask=mask, max_new_tokens=4, do_sample=False)
+    model = variator(base, ratio=3)
+    assert wrapped(model) == {f"base_model.model.model.layers.{i}.mlp": VariatorFFN for i in range(LAYERS)}
+    with torch.no_grad():
+        padded = model(input_ids=ids, attention_mask=mask).logits
+        alone = model(input_ids=ids[:1, 4:]).logits
+        with model.disable_adapter():
+            uncompressed = model(input_ids=ids, attention_mask=mask).logits
+            uncompressed_tokens = model.generate(input_ids=ids, attention_mask=mask, max_new_tokens=4, do_sample=False)
+        tokens = model.generate(input_ids=ids, attention_mask=mask, max_new_tokens=4, do_sample=False)
+    torch.testing.assert_close(padded[0, 4:], alone[0], rtol=0, atol=1e-5)
+    assert not torch.allclose(padded, reference)
+    torch.testing.assert_close(uncompressed, reference)
+    assert torch.equal(uncompressed_tokens, reference_tokens) and tokens.shape == reference_tokens.shape
+
+
+def test_the_experts_of_a_mixture_without_their_router_are_refused_as_a_target():
+    base = mixture_of_experts("mixtral")
+    with pytest.raises(ValueError, match="must be FFNs"):
+        variator(base, target_modules=["experts"])
+    model = variator(base, target_modules=["mlp"])
+    assert set(wrapped(model).values()) == {VariatorFFN}
+
+
+@pytest.mark.parametrize("model_type", ["phi3", "camembert", "mixtral"])
+def test_a_second_ratio_finds_the_same_ffns_by_structure_through_the_first_ones_plugins(model_type):
+    """Found by structure, the FFNs are wrapped by the first adapter: the second must see through the wrappers."""
+    if model_type == "mixtral":
+        base = mixture_of_experts(model_type)
+    else:
+        config = AutoConfig.for_model(model_type, **{**ENCODER, **FOUND_BY_STRUCTURE[model_type][1]})
+        base = (AutoModelForCausalLM if model_type == "phi3" else AutoModel).from_config(config).eval()
+    model = variator(base, ratio=2)
+    first = wrapped(model)
+    model.add_adapter("ratio4", VariatorConfig(ratio=4))
+    assert wrapped(model) == first
+    assert all(
+        set(layer.ratio) == {"default", "ratio4"} for layer in model.modules() if isinstance(layer, VariatorLayer)
+    )
+    ids = torch.randint(3, 100, (2, 9))
+    with torch.no_grad():
+        ratio2 = model(input_ids=ids)[0]
+        model.set_adapter("ratio4")
+        ratio4 = model(input_ids=ids)[0]
+    assert ratio2.shape == ratio4.shape and not torch.allclose(ratio2, ratio4)
+
+
 def test_an_ffn_block_holding_its_own_norm_and_residual_is_refused_as_a_target():
     """Funnel's FFN module returns `layer_norm(x + ffn(x))`: compressing it would compress the residual stream."""
     config = FunnelConfig(vocab_size=100, block_sizes=[1, 1], d_model=H, n_head=2, d_head=16, d_inner=FFN_DIM)
