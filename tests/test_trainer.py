@@ -22,6 +22,8 @@ from transformers import (
     DataCollatorWithPadding,
     LlamaConfig,
     LlamaForCausalLM,
+    MixtralConfig,
+    MixtralForCausalLM,
     T5Config,
     T5ForConditionalGeneration,
     Trainer,
@@ -62,6 +64,22 @@ def tiny_llama() -> LlamaForCausalLM:
         pad_token_id=PAD,
     )
     return LlamaForCausalLM(config)
+
+
+def tiny_mixtral() -> MixtralForCausalLM:
+    """A mixture of experts: 4 experts of 64, top 2."""
+    config = MixtralConfig(
+        vocab_size=VOCAB,
+        hidden_size=32,
+        intermediate_size=64,
+        num_hidden_layers=2,
+        num_attention_heads=4,
+        num_key_value_heads=2,
+        num_local_experts=4,
+        num_experts_per_tok=2,
+        pad_token_id=PAD,
+    )
+    return MixtralForCausalLM(config)
 
 
 def tiny_t5() -> T5ForConditionalGeneration:
@@ -489,8 +507,9 @@ def test_causal_lm_task_loss_through_compressed_prompts_is_refused(tmp_path):
         trainer.train()
 
 
-def test_causal_lm_plugins_train_by_distillation_alone(tmp_path):
-    model = variator_llama()
+@pytest.mark.parametrize("build", [tiny_llama, tiny_mixtral])
+def test_causal_lm_plugins_train_by_distillation_alone(tmp_path, build):
+    model = get_peft_model(build(), VariatorConfig(ratio=4, adapter_dim=8))
     randomize_plugins(model, std=0.2)
     data = token_dataset(64, "lm")
     trainer = VariatorTrainer(
