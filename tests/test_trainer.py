@@ -53,33 +53,24 @@ def tiny_bert(
     return model_class(config)
 
 
+TINY_DECODER = dict(
+    vocab_size=VOCAB,
+    hidden_size=32,
+    intermediate_size=64,
+    num_hidden_layers=2,
+    num_attention_heads=4,
+    num_key_value_heads=2,
+    pad_token_id=PAD,
+)
+
+
 def tiny_llama() -> LlamaForCausalLM:
-    config = LlamaConfig(
-        vocab_size=VOCAB,
-        hidden_size=32,
-        intermediate_size=64,
-        num_hidden_layers=2,
-        num_attention_heads=4,
-        num_key_value_heads=2,
-        pad_token_id=PAD,
-    )
-    return LlamaForCausalLM(config)
+    return LlamaForCausalLM(LlamaConfig(**TINY_DECODER))
 
 
 def tiny_mixtral() -> MixtralForCausalLM:
     """A mixture of experts: 4 experts of 64, top 2."""
-    config = MixtralConfig(
-        vocab_size=VOCAB,
-        hidden_size=32,
-        intermediate_size=64,
-        num_hidden_layers=2,
-        num_attention_heads=4,
-        num_key_value_heads=2,
-        num_local_experts=4,
-        num_experts_per_tok=2,
-        pad_token_id=PAD,
-    )
-    return MixtralForCausalLM(config)
+    return MixtralForCausalLM(MixtralConfig(**TINY_DECODER, num_local_experts=4, num_experts_per_tok=2))
 
 
 def tiny_t5() -> T5ForConditionalGeneration:
