@@ -122,13 +122,31 @@ class VariatorModel(BaseTuner):
         roles: dict[str, list[str]] = {"input": [], "output": []}
         wrapped: list[str] = []
         for key, module in model.named_modules():
-            if not key or any(key.startswith(prefix) for prefix in wrapped):
+            if not key:
+                continue
+            outer = next((prefix for prefix in wrapped if key.startswith(prefix)), None)
+            if outer is not None:
+                # One adapter's wrapper inside another's would leave the model one that `unload()` cannot take apart.
+                if not key.endswith(".base_layer") and self._check_target_module_exists(peft_config, key):
+                    name = outer + key[len(outer) :].removeprefix("base_layer.")
+                    raise ValueError(
+                        f"Variator target {name!r} is inside {outer[:-1]!r}, which another Variator adapter already "
+                        "wraps. All Variator adapters of a model must wrap the same FFN modules: target "
+                        f"{outer[:-1]!r}, or leave `target_modules` unset if that adapter did."
+                    )
                 continue
             if isinstance(module, VariatorLayer):
                 wrapped.append(key + ".")
                 module = module.get_base_layer()
             if not self._check_target_module_exists(peft_config, key):
                 continue
+            inner = [name for name, child in module.named_modules() if name and isinstance(child, VariatorLayer)]
+            if inner:
+                raise ValueError(
+                    f"Variator target {key!r} holds {[f'{key}.{name}' for name in inner]}, which another Variator "
+                    "adapter already wraps. All Variator adapters of a model must wrap the same FFN modules: pass "
+                    "`target_modules` naming those."
+                )
             if encoder is not None and not key.startswith(encoder + "."):
                 # The decoder is causal and its padding is not the encoder's mask, the one the layers are given.
                 raise ValueError(

@@ -441,6 +441,25 @@ def test_a_second_ratio_finds_the_same_ffns_by_structure_through_the_first_ones_
     assert ratio2.shape == ratio4.shape and not torch.allclose(ratio2, ratio4)
 
 
+@pytest.mark.parametrize(
+    ("first", "second", "message"),
+    [
+        (["gate_up_proj", "down_proj"], None, "holds .*gate_up_proj.*another Variator adapter already wraps"),
+        (None, ["gate_up_proj", "down_proj"], "'model.layers.0.mlp.gate_up_proj' is inside 'model.layers.0.mlp'"),
+    ],
+)
+def test_an_adapter_that_would_wrap_around_or_inside_another_ones_wrappers_is_refused(first, second, message):
+    """Wrappers nested in wrappers could not be unloaded: all adapters must wrap the same modules (Phi-3's MLP, or
+    its two halves)."""
+    config = AutoConfig.for_model("phi3", **{**ENCODER, **FOUND_BY_STRUCTURE["phi3"][1]})
+    model = variator(AutoModelForCausalLM.from_config(config).eval(), target_modules=first)
+    before = wrapped(model)
+    with pytest.raises(ValueError, match=message):
+        model.add_adapter("ratio4", VariatorConfig(ratio=4, target_modules=second))
+    assert wrapped(model) == before and list(model.peft_config) == ["default"]
+    assert not any(isinstance(module, VariatorLayer) for module in model.unload().modules())
+
+
 def test_an_ffn_block_holding_its_own_norm_and_residual_is_refused_as_a_target():
     """Funnel's FFN module returns `layer_norm(x + ffn(x))`: compressing it would compress the residual stream."""
     config = FunnelConfig(vocab_size=100, block_sizes=[1, 1], d_model=H, n_head=2, d_head=16, d_inner=FFN_DIM)
