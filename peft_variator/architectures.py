@@ -12,6 +12,8 @@ import torch
 from peft.tuners.tuners_utils import BaseTunerLayer
 from torch import nn
 
+from .registration import PREFIX
+
 logger = logging.getLogger(__name__)
 
 
@@ -56,12 +58,12 @@ FFN_LOCATIONS: dict[str, FFNLocation] = {
 }
 
 
-def ffn_role(module: nn.Module, hidden_size: int | None) -> str | None:
-    """What part of an FFN `module` is, from its linear layers: `"ffn"` (hidden -> I -> hidden, the whole FFN),
-    `"input"` (hidden -> I, the first half of a split FFN), `"output"` (I -> hidden, the second half), or None.
-    A mixture-of-experts block is a whole FFN."""
+def ffn_role(module: nn.Module, name: str, hidden_size: int | None) -> str | None:
+    """What part of an FFN `module` (named `name` in the model) is, from its linear layers: `"ffn"` (hidden -> I ->
+    hidden, the whole FFN), `"input"` (hidden -> I, the first half of a split FFN), `"output"` (I -> hidden, the
+    second half), or None. A mixture-of-experts block that is a part of a layer is a whole FFN."""
     expert_hidden_size = expert_block_hidden_size(module)
-    if expert_hidden_size is not None and hidden_size in (None, expert_hidden_size):
+    if expert_hidden_size is not None and hidden_size in (None, expert_hidden_size) and _is_layer_part(name):
         return "ffn"
     shapes = linear_shapes(module)
     if not shapes:
@@ -78,19 +80,22 @@ def ffn_role(module: nn.Module, hidden_size: int | None) -> str | None:
 
 
 def expert_block_hidden_size(module: nn.Module) -> int | None:
-    """The hidden size a mixture-of-experts block reads and writes, or None when `module` is not one.
+    """The hidden size a mixture-of-experts block reads and writes, or None when `module` is not shaped like one.
 
     transformers stacks the routed experts' weights of such a block into 3-D parameters `(num_experts, ., .)`
     (Mixtral, Qwen3-MoE, OLMoE, GPT-OSS, DeepSeek-V2/V3, Llama 4, ...), which `linear_shapes` does not see. The block
     is recognised by its parameters: at least two stacked expert weights, each reading or writing vectors of the
     router's input size, a router (a `(num_experts, hidden)` matrix), other matrices only where they touch
-    hidden-size vectors (shared experts and their gate) or hold per-expert values (biases, routing statistics), and a
-    forward that takes the hidden states and nothing else: the experts module on its own also takes the routing, and
-    attention with experts inside (JetMoE's) takes the mask, positions and cache.
+    hidden-size vectors (shared experts and their gate) or hold per-expert values (biases, routing statistics), no
+    convolution (whose 3-D weights mix tokens), and a forward that takes the hidden states and nothing else (the
+    experts module on its own also takes the routing). Shape alone cannot tell a block that is one layer's FFN from
+    experts used inside attention (JetMoE's): `ffn_role` and `find_ffns` also ask for a part of a layer.
     """
     parameters = _base_parameters(module)
     stacked = [parameter for parameter in parameters if parameter.dim() == 3]
     if len(stacked) < 2 or any(parameter.dim() > 3 for parameter in parameters):
+        return None
+    if any(isinstance(child, nn.modules.conv._ConvNd) for _, child in base_named_modules(module)):
         return None
     num_experts = stacked[0].shape[0]
     if any(parameter.shape[0] != num_experts for parameter in stacked):
@@ -105,7 +110,7 @@ def expert_block_hidden_size(module: nn.Module) -> int | None:
     routers = {
         shape[1]
         for shape in (parameter.shape for parameter in parameters if parameter.dim() == 2)
-        if shape[0] == num_experts
+        if shape[0] == num_experts and shape[1] != num_experts
     }
     for hidden_size in sorted(routers):
         if all(hidden_size in parameter.shape[1:] for parameter in stacked) and all(
@@ -221,8 +226,9 @@ def find_ffns(model: nn.Module, hidden_size: int, within: nn.Module | None = Non
       e.g. Llama's `mlp`, not the decoder layer around it. Where such a module is more than an FFN (it holds the norm,
       or adds the residual: Funnel's FFN block, FNet's whole layer, BLOOM's `mlp`), its two linears are returned
       instead, as the halves of a split FFN.
-    - A mixture-of-experts block that is a child of a numbered layer (`layers.3.mlp`) is a whole FFN: its router and
-      experts run on the compressed vectors. Deeper down, experts are part of something else (JetMoE's attention).
+    - A mixture-of-experts block that is a part of a layer (a child of a numbered module: `layers.3.mlp`) is a whole
+      FFN: its router and experts run on the compressed vectors. Deeper down, experts are part of something else
+      (JetMoE's attention).
     - Inside a stack of layers (a name with a numbered segment), a module with two children that each hold one
       linear layer, hidden -> I and I -> hidden, gives those two: OPT's `fc1` / `fc2`, the `intermediate.dense` /
       `output.dense` of BERT-style layers. Outside the stack such a pair is something else (OPT-350m's `project_out`
@@ -237,12 +243,11 @@ def find_ffns(model: nn.Module, hidden_size: int, within: nn.Module | None = Non
             continue
         if any(name.startswith(prefix + ".") for prefix in found):
             continue
-        in_layer = re.search(r"(?:^|\.)\d+$", name.rpartition(".")[0]) is not None
-        if in_layer and expert_block_hidden_size(module) == hidden_size:
+        if hidden_size is not None and _is_layer_part(name) and expert_block_hidden_size(module) == hidden_size:
             if more_than_an_ffn(module, hidden_size) is None:
                 found.append(name)
         elif _is_whole_ffn(module, hidden_size):
-            if any(_is_whole_ffn(child, hidden_size) for _, child in _base_children(module)):
+            if any(_is_whole_ffn(child, hidden_size) for child in _unwrapped(module).children()):
                 continue
             if more_than_an_ffn(module, hidden_size) is None:
                 found.append(name)
@@ -250,10 +255,10 @@ def find_ffns(model: nn.Module, hidden_size: int, within: nn.Module | None = Non
                 linears = _leaf_linears(module)
                 halves = _ffn_pair(linears, hidden_size) if len(linears) == 2 else []
                 found.extend(f"{name}.{half}" for half in halves)
-        elif re.search(r"(?:^|\.)\d+(?:\.|$)", name):
+        elif _is_in_layer_stack(name):
             # Children holding exactly one linear layer each (attention holds several).
             singles = []
-            for child_name, child in _base_children(module):
+            for child_name, child in _unwrapped(module).named_children():
                 linears = _leaf_linears(child)
                 if len(linears) == 1:
                     leaf, shape = linears[0]
@@ -307,26 +312,49 @@ def _is_whole_ffn(module: nn.Module, hidden_size: int) -> bool:
     )
 
 
-def base_named_modules(module: nn.Module, prefix: str = "") -> Iterator[tuple[str, nn.Module]]:
-    """`module.named_modules()` as the base model has them: a tuner layer (the wrapper of an adapter added earlier)
-    stands for its base layer, under the wrapper's own name, so a second adapter finds the FFNs the first one did and
-    its plugin weights are not taken for the FFN's."""
-    module = _unwrapped(module)
-    yield prefix, module
-    for name, child in module.named_children():
-        yield from base_named_modules(child, f"{prefix}.{name}" if prefix else name)
+def base_named_modules(module: nn.Module) -> Iterator[tuple[str, nn.Module]]:
+    """`module.named_modules()` as the base model has them: a tuner layer of a Variator adapter added earlier stands
+    for its base layer, under the tuner layer's own name, so a second adapter finds the FFNs the first one did and
+    does not take its plugin weights for the FFN's. Each module once, under its first name, as in `named_modules()`.
+    """
+    seen: set[int] = set()
+    pending = [("", module)]
+    while pending:
+        name, current = pending.pop()
+        current = _unwrapped(current)
+        if id(current) in seen:
+            continue
+        seen.add(id(current))
+        yield name, current
+        children = [
+            (f"{name}.{child_name}" if name else child_name, child) for child_name, child in current.named_children()
+        ]
+        pending.extend(reversed(children))
 
 
 def _unwrapped(module: nn.Module) -> nn.Module:
-    return module.get_base_layer() if isinstance(module, BaseTunerLayer) else module
-
-
-def _base_children(module: nn.Module) -> Iterator[tuple[str, nn.Module]]:
-    return _unwrapped(module).named_children()
+    """The base layer of a Variator tuner layer, any other module as it is. Other methods' tuner layers (LoRA) are
+    not looked through: an FFN holding them is not Variator's to wrap."""
+    variator = isinstance(module, BaseTunerLayer) and any(
+        name.startswith(PREFIX) for name in module.adapter_layer_names
+    )
+    return module.get_base_layer() if variator else module
 
 
 def _base_parameters(module: nn.Module) -> list[nn.Parameter]:
+    """The parameters of `module` without those of Variator plugins inside it."""
     return [parameter for _, child in base_named_modules(module) for parameter in child.parameters(recurse=False)]
+
+
+def _is_in_layer_stack(name: str) -> bool:
+    """Whether the module named `name` is, or is inside, a numbered module (`encoder.layer.3`, `layers.3.mlp`)."""
+    return re.search(r"(?:^|\.)\d+(?:\.|$)", name) is not None
+
+
+def _is_layer_part(name: str) -> bool:
+    """Whether the module named `name` is a direct child of a numbered module: one part of one layer of a stack
+    (`layers.3.mlp`, not `layers.3.self_attention.experts`)."""
+    return re.fullmatch(r"(?:.*\.)?\d+\.[^.]+", name) is not None
 
 
 def hidden_size_of(model_config: dict) -> int | None:

@@ -10,6 +10,7 @@ from transformers.models.auto.modeling_auto import MODEL_FOR_CAUSAL_LM_MAPPING_N
 
 from .architectures import (
     FFN_LOCATIONS,
+    base_named_modules,
     ffn_role,
     find_ffns,
     hidden_size_of,
@@ -120,33 +121,12 @@ class VariatorModel(BaseTuner):
         hidden_size = hidden_size_of(self.get_model_config(model))
         encoder = _encoder_name(model)
         roles: dict[str, list[str]] = {"input": [], "output": []}
-        wrapped: list[str] = []
-        for key, module in model.named_modules():
-            if not key:
+        wrappers = [key for key, module in model.named_modules() if isinstance(module, VariatorLayer)]
+        # Names as the base model has them: an FFN wrapped by an earlier adapter is planned as the module it wraps.
+        for key, module in base_named_modules(model):
+            if not key or not self._check_target_module_exists(peft_config, key):
                 continue
-            outer = next((prefix for prefix in wrapped if key.startswith(prefix)), None)
-            if outer is not None:
-                # One adapter's wrapper inside another's would leave the model one that `unload()` cannot take apart.
-                if not key.endswith(".base_layer") and self._check_target_module_exists(peft_config, key):
-                    name = outer + key[len(outer) :].removeprefix("base_layer.")
-                    raise ValueError(
-                        f"Variator target {name!r} is inside {outer[:-1]!r}, which another Variator adapter already "
-                        "wraps. All Variator adapters of a model must wrap the same FFN modules: target "
-                        f"{outer[:-1]!r}, or leave `target_modules` unset if that adapter did."
-                    )
-                continue
-            if isinstance(module, VariatorLayer):
-                wrapped.append(key + ".")
-                module = module.get_base_layer()
-            if not self._check_target_module_exists(peft_config, key):
-                continue
-            inner = [name for name, child in module.named_modules() if name and isinstance(child, VariatorLayer)]
-            if inner:
-                raise ValueError(
-                    f"Variator target {key!r} holds {[f'{key}.{name}' for name in inner]}, which another Variator "
-                    "adapter already wraps. All Variator adapters of a model must wrap the same FFN modules: pass "
-                    "`target_modules` naming those."
-                )
+            _refuse_nesting(key, wrappers)
             if encoder is not None and not key.startswith(encoder + "."):
                 # The decoder is causal and its padding is not the encoder's mask, the one the layers are given.
                 raise ValueError(
@@ -154,7 +134,7 @@ class VariatorModel(BaseTuner):
                     f"{key!r}, outside the encoder ({encoder!r}). Narrow `target_modules` to the encoder's FFNs, or "
                     "leave it unset to take the default."
                 )
-            role = ffn_role(module, hidden_size)
+            role = ffn_role(module, key, hidden_size)
             if role is None:
                 raise ValueError(
                     f"Variator targets must be FFNs (hidden -> intermediate -> hidden), but {key!r} "
@@ -209,7 +189,7 @@ class VariatorModel(BaseTuner):
             target.update_layer(adapter_name, peft_config)
             return
         padding = padding_context(self.model)
-        role = ffn_role(target, hidden_size_of(self.get_model_config(self.model)))
+        role = ffn_role(target, current_key, hidden_size_of(self.get_model_config(self.model)))
         if role == "input":
             new_module = VariatorFFNInput(target, adapter_name, peft_config, padding, SplitFFNState())
         elif role == "output":
@@ -260,6 +240,24 @@ class VariatorModel(BaseTuner):
         if hasattr(self.model, "peft_config"):
             del self.model.peft_config
         return self.model
+
+
+def _refuse_nesting(target: str, wrappers: list[str]) -> None:
+    """Refuse a target around or inside the wrapper of another Variator adapter: nested wrappers would leave a model
+    that `unload()` cannot take apart."""
+    outer = [name for name in wrappers if target.startswith(name + ".")]
+    if outer:
+        raise ValueError(
+            f"Variator target {target!r} is inside {outer[0]!r}, which another Variator adapter already wraps. All "
+            f"Variator adapters of a model must wrap the same FFN modules: target {outer[0]!r}, or leave "
+            "`target_modules` unset if that adapter did."
+        )
+    inner = [name for name in wrappers if name.startswith(target + ".")]
+    if inner:
+        raise ValueError(
+            f"Variator target {target!r} holds {inner}, which another Variator adapter already wraps. All Variator "
+            "adapters of a model must wrap the same FFN modules: pass `target_modules` naming those."
+        )
 
 
 def is_causal_lm(model: nn.Module) -> bool:

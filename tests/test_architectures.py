@@ -410,10 +410,14 @@ def test_mixture_of_experts_blocks_are_compressed_whole_and_left_padding_does_no
     assert torch.equal(uncompressed_tokens, reference_tokens) and tokens.shape == reference_tokens.shape
 
 
-def test_the_experts_of_a_mixture_without_their_router_are_refused_as_a_target():
+def test_experts_that_are_not_a_layers_whole_ffn_are_refused_as_a_target():
+    """Mixtral's experts without their router (they also take the routing), JetMoE's experts inside attention (which
+    calls their own methods, never their forward)."""
     base = mixture_of_experts("mixtral")
     with pytest.raises(ValueError, match="must be FFNs"):
         variator(base, target_modules=["experts"])
+    with pytest.raises(ValueError, match="it is half an FFN"):  # its router reads the hidden states
+        variator(mixture_of_experts("jetmoe"), target_modules=["self_attention.experts"])
     model = variator(base, target_modules=["mlp"])
     assert set(wrapped(model).values()) == {VariatorFFN}
 
@@ -446,6 +450,7 @@ def test_a_second_ratio_finds_the_same_ffns_by_structure_through_the_first_ones_
     [
         (["gate_up_proj", "down_proj"], None, "holds .*gate_up_proj.*another Variator adapter already wraps"),
         (None, ["gate_up_proj", "down_proj"], "'model.layers.0.mlp.gate_up_proj' is inside 'model.layers.0.mlp'"),
+        (None, r"model\.layers\.\d+\.mlp\.(gate_up|down)_proj", "is inside 'model.layers.0.mlp'"),
     ],
 )
 def test_an_adapter_that_would_wrap_around_or_inside_another_ones_wrappers_is_refused(first, second, message):
