@@ -80,45 +80,72 @@ def ffn_role(module: nn.Module, name: str, hidden_size: int | None) -> str | Non
 
 
 def expert_block_hidden_size(module: nn.Module) -> int | None:
-    """The hidden size a mixture-of-experts block reads and writes, or None when `module` is not shaped like one.
-
-    transformers stacks the routed experts' weights of such a block into 3-D parameters `(num_experts, ., .)`
-    (Mixtral, Qwen3-MoE, OLMoE, GPT-OSS, DeepSeek-V2/V3, Llama 4, ...), which `linear_shapes` does not see. The block
-    is recognised by its parameters: at least two stacked expert weights, each reading or writing vectors of the
-    router's input size, a router (a `(num_experts, hidden)` matrix), other matrices only where they touch
-    hidden-size vectors (shared experts and their gate) or hold per-expert values (biases, routing statistics), no
-    convolution (whose 3-D weights mix tokens), and a forward that takes the hidden states and nothing else (the
-    experts module on its own also takes the routing). Shape alone cannot tell a block that is one layer's FFN from
-    experts used inside attention (JetMoE's): `ffn_role` and `find_ffns` also ask for a part of a layer.
-    """
-    parameters = _base_parameters(module)
-    stacked = [parameter for parameter in parameters if parameter.dim() == 3]
-    if len(stacked) < 2 or any(parameter.dim() > 3 for parameter in parameters):
-        return None
-    if any(isinstance(child, nn.modules.conv._ConvNd) for _, child in base_named_modules(module)):
-        return None
-    num_experts = stacked[0].shape[0]
-    if any(parameter.shape[0] != num_experts for parameter in stacked):
-        return None
+    """The hidden size a mixture-of-experts block reads and writes, or None when `module` is not one that Variator
+    can wrap whole: one that holds routed experts and their router (`routed_experts_hidden_size`) and whose forward
+    takes the hidden states and nothing else (the experts module on its own also takes the routing; NLLB-MoE's block
+    also takes a padding mask per token, which compressed vectors would not match)."""
     named = [
         parameter
         for parameter in inspect.signature(_unwrapped(module).forward).parameters.values()
         if parameter.kind not in (inspect.Parameter.VAR_POSITIONAL, inspect.Parameter.VAR_KEYWORD)
     ]
-    if len(named) != 1:
+    return routed_experts_hidden_size(module) if len(named) == 1 else None
+
+
+def routed_experts_hidden_size(module: nn.Module) -> int | None:
+    """The hidden size of the routed experts that `module` holds with their router, or None when it holds none.
+
+    transformers stacks the routed experts' weights into 3-D parameters `(num_experts, ., .)` (Mixtral, Qwen3-MoE,
+    OLMoE, GPT-OSS, DeepSeek-V2/V3, Llama 4, ...), which `linear_shapes` does not see, or keeps each expert as a
+    module in a `ModuleDict` / `ModuleList` (Switch Transformers, NLLB-MoE). Recognised by the parameters: at least
+    two experts, each reading and writing vectors of the router's input size, a router (a `(num_experts, hidden)`
+    matrix), other matrices only where they touch hidden-size vectors (shared experts and their gate) or hold
+    per-expert values (biases, routing statistics), and no convolution (whose 3-D weights mix tokens). Shape alone
+    cannot tell a block that is one layer's FFN from experts used inside attention (JetMoE's): `ffn_role` and
+    `find_ffns` also ask for a part of a layer.
+    """
+    parameters = _base_parameters(module)
+    if any(parameter.dim() > 3 for parameter in parameters):
         return None
+    if any(isinstance(child, nn.modules.conv._ConvNd) for _, child in base_named_modules(module)):
+        return None
+    stacked = [parameter for parameter in parameters if parameter.dim() == 3]
+    # Not the experts' own per-expert matrices (GPT-OSS keeps `(num_experts, hidden)` biases next to its weights).
+    owners = [child for _, child in base_named_modules(module)]
     routers = {
-        shape[1]
-        for shape in (parameter.shape for parameter in parameters if parameter.dim() == 2)
-        if shape[0] == num_experts and shape[1] != num_experts
+        tuple(parameter.shape)
+        for child in owners
+        if not any(parameter.dim() == 3 for parameter in child.parameters(recurse=False))
+        for parameter in child.parameters(recurse=False)
+        if parameter.dim() == 2
     }
-    for hidden_size in sorted(routers):
-        if all(hidden_size in parameter.shape[1:] for parameter in stacked) and all(
+    for num_experts, hidden_size in sorted(shape for shape in routers if shape[0] != shape[1]):
+        if stacked:
+            experts_fit = len(stacked) >= 2 and all(
+                parameter.shape[0] == num_experts and hidden_size in parameter.shape[1:] for parameter in stacked
+            )
+        else:
+            experts_fit = len(_listed_experts(module, hidden_size)) == num_experts
+        if experts_fit and all(
             parameter.dim() == 1 or hidden_size in parameter.shape or num_experts in parameter.shape
             for parameter in parameters
         ):
             return hidden_size
     return None
+
+
+def _listed_experts(module: nn.Module, hidden_size: int) -> list[nn.Module]:
+    """Experts kept as modules: the children with linear layers of a `ModuleDict` / `ModuleList` inside `module`,
+    when there are at least two and all are whole FFNs (hidden -> I -> hidden) of the same shapes; otherwise none."""
+    for _, container in base_named_modules(module):
+        if isinstance(container, (nn.ModuleDict, nn.ModuleList)):
+            experts = [child for child in container.children() if linear_shapes(child)]  # not its dropout
+            if len(experts) >= 2 and all(
+                _is_whole_ffn(expert, hidden_size) and linear_shapes(expert) == linear_shapes(experts[0])
+                for expert in experts
+            ):
+                return experts
+    return []
 
 
 def ffn_hidden_size(module: nn.Module) -> int:
@@ -228,7 +255,8 @@ def find_ffns(model: nn.Module, hidden_size: int, within: nn.Module | None = Non
       instead, as the halves of a split FFN.
     - A mixture-of-experts block that is a part of a layer (a child of a numbered module: `layers.3.mlp`) is a whole
       FFN: its router and experts run on the compressed vectors. Deeper down, experts are part of something else
-      (JetMoE's attention).
+      (JetMoE's attention). A block that cannot be wrapped whole (NLLB-MoE's takes a per-token padding mask) is left
+      uncompressed, experts included, with a warning.
     - Inside a stack of layers (a name with a numbered segment), a module with two children that each hold one
       linear layer, hidden -> I and I -> hidden, gives those two: OPT's `fc1` / `fc2`, the `intermediate.dense` /
       `output.dense` of BERT-style layers. Outside the stack such a pair is something else (OPT-350m's `project_out`
@@ -238,14 +266,28 @@ def find_ffns(model: nn.Module, hidden_size: int, within: nn.Module | None = Non
     """
     scope = {id(m) for _, m in base_named_modules(within)} if within is not None else None
     found: list[str] = []
+    passed_over: list[str] = []
     for name, module in base_named_modules(model):
         if not name or (scope is not None and id(module) not in scope):
             continue
-        if any(name.startswith(prefix + ".") for prefix in found):
+        if any(name.startswith(prefix + ".") for prefix in found + passed_over):
             continue
-        if hidden_size is not None and _is_layer_part(name) and expert_block_hidden_size(module) == hidden_size:
-            if more_than_an_ffn(module, hidden_size) is None:
+        if (
+            hidden_size is not None
+            and _is_layer_part(name)
+            and routed_experts_hidden_size(module) == hidden_size
+            # The smallest module holding them: a layer's list of sub-layers (T5-style) holds them too.
+            and not any(routed_experts_hidden_size(child) == hidden_size for child in _unwrapped(module).children())
+        ):
+            if expert_block_hidden_size(module) == hidden_size and more_than_an_ffn(module, hidden_size) is None:
                 found.append(name)
+            else:
+                # Each expert sees the tokens routed to it, from every sequence of the batch: compressing one alone
+                # would mix tokens of different sequences.
+                passed_over.append(name)
+                logger.warning(
+                    "Variator leaves the mixture-of-experts block %s uncompressed: it cannot wrap it whole.", name
+                )
         elif _is_whole_ffn(module, hidden_size):
             if any(_is_whole_ffn(child, hidden_size) for child in _unwrapped(module).children()):
                 continue

@@ -465,6 +465,45 @@ def test_an_adapter_that_would_wrap_around_or_inside_another_ones_wrappers_is_re
     assert not any(isinstance(module, VariatorLayer) for module in model.unload().modules())
 
 
+def sparse_seq2seq(model_type: str):
+    """Every layer a mixture of experts kept as modules, one FFN each (Switch Transformers, NLLB-MoE)."""
+    sizes = dict(d_model=H, d_ff=FFN_DIM, d_kv=8, num_layers=LAYERS, num_heads=4, encoder_ffn_dim=FFN_DIM)
+    sizes |= dict(encoder_layers=LAYERS, encoder_attention_heads=4, decoder_ffn_dim=FFN_DIM, decoder_layers=LAYERS)
+    sizes |= dict(decoder_attention_heads=4, num_decoder_layers=LAYERS, encoder_sparse_step=1, decoder_sparse_step=1)
+    sizes |= dict(num_sparse_encoder_layers=LAYERS, num_sparse_decoder_layers=LAYERS, max_position_embeddings=64)
+    config = AutoConfig.for_model(
+        model_type,
+        vocab_size=100,
+        num_experts=4,
+        expert_capacity=64,
+        pad_token_id=1,
+        decoder_start_token_id=2,
+        **sizes,
+    )
+    torch.manual_seed(0)
+    return AutoModelForSeq2SeqLM.from_config(config).eval()
+
+
+def test_experts_kept_as_modules_are_compressed_with_their_block_never_one_by_one(caplog):
+    """An expert sees the tokens routed to it from every sequence: compressing it alone would mix sequences. Switch
+    Transformers' block is wrapped whole; NLLB-MoE's, whose forward also takes a per-token padding mask, is left
+    uncompressed with a warning."""
+    model = variator(sparse_seq2seq("switch_transformers"))
+    assert wrapped(model) == {f"base_model.model.encoder.block.{i}.layer.1.mlp": VariatorFFN for i in range(LAYERS)}
+    ids = torch.randint(5, 100, (2, 9))
+    mask = torch.ones_like(ids)
+    mask[0, 6:] = 0
+    start = torch.full((2, 1), 2)
+    with torch.no_grad():
+        padded = model(input_ids=ids, attention_mask=mask, decoder_input_ids=start).encoder_last_hidden_state
+        alone = model(input_ids=ids[:1, :6], decoder_input_ids=start[:1]).encoder_last_hidden_state
+    torch.testing.assert_close(padded[0, :6], alone[0], rtol=0, atol=1e-5)
+    nllb = sparse_seq2seq("nllb-moe")
+    with caplog.at_level(logging.WARNING, logger="peft_variator"):
+        assert find_ffns(nllb, H, within=nllb.get_encoder()) == []
+    assert "model.encoder.layers.0.ffn uncompressed" in caplog.text
+
+
 def test_an_ffn_block_holding_its_own_norm_and_residual_is_refused_as_a_target():
     """Funnel's FFN module returns `layer_norm(x + ffn(x))`: compressing it would compress the residual stream."""
     config = FunnelConfig(vocab_size=100, block_sizes=[1, 1], d_model=H, n_head=2, d_head=16, d_inner=FFN_DIM)
