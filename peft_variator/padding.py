@@ -165,6 +165,15 @@ class PaddingContext:
         """`(batch, seq_len)` of hidden states that arrive flattened to `(num_tokens, H)`, as OPT's FFN gets them."""
         recorded = getattr(self._local, "recorded", None) or self._latest
         batch = recorded.batch_size
+        mask = recorded.mask
+        if mask is not None and not recorded.continues_cache and num_tokens != mask.numel():
+            # Without a cache the call's mask covers exactly its tokens; fewer (or more) are not its sequences.
+            raise ValueError(
+                f"A Variator layer received {num_tokens} flattened token vectors, but the model was called with "
+                f"{mask.shape[0]} x {mask.shape[1]} tokens: the module sees a subset of the tokens, as an expert of a "
+                "mixture of experts does (the tokens routed to it, from every sequence). Target the block that holds "
+                "the experts and their router, or the layer's dense FFN."
+            )
         if batch is None or num_tokens % batch != 0:
             raise ValueError(
                 f"A Variator layer received {num_tokens} flattened token vectors, which cannot be split into the "

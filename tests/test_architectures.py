@@ -502,6 +502,10 @@ def test_experts_kept_as_modules_are_compressed_with_their_block_never_one_by_on
     with caplog.at_level(logging.WARNING, logger="peft_variator"):
         assert find_ffns(nllb, H, within=nllb.get_encoder()) == []
     assert "model.encoder.layers.0.ffn uncompressed" in caplog.text
+    # Given as a target, an expert fails at the forward instead of compressing tokens of different sequences together.
+    expert = variator(nllb, target_modules=["encoder.layers.0.ffn.experts.expert_0"])
+    with pytest.raises(ValueError, match="sees a subset of the tokens"):
+        expert(input_ids=ids, attention_mask=mask, decoder_input_ids=start)
 
 
 def test_an_ffn_block_holding_its_own_norm_and_residual_is_refused_as_a_target():
