@@ -84,12 +84,16 @@ def expert_block_hidden_size(module: nn.Module) -> int | None:
     can wrap whole: one that holds routed experts and their router (`routed_experts_hidden_size`) and whose forward
     takes the hidden states and nothing else (the experts module on its own also takes the routing; NLLB-MoE's block
     also takes a padding mask per token, which compressed vectors would not match)."""
+    return routed_experts_hidden_size(module) if _takes_hidden_states_alone(module) else None
+
+
+def _takes_hidden_states_alone(module: nn.Module) -> bool:
     named = [
         parameter
         for parameter in inspect.signature(_unwrapped(module).forward).parameters.values()
         if parameter.kind not in (inspect.Parameter.VAR_POSITIONAL, inspect.Parameter.VAR_KEYWORD)
     ]
-    return routed_experts_hidden_size(module) if len(named) == 1 else None
+    return len(named) == 1
 
 
 def routed_experts_hidden_size(module: nn.Module) -> int | None:
@@ -104,14 +108,14 @@ def routed_experts_hidden_size(module: nn.Module) -> int | None:
     cannot tell a block that is one layer's FFN from experts used inside attention (JetMoE's): `ffn_role` and
     `find_ffns` also ask for a part of a layer.
     """
-    parameters = _base_parameters(module)
+    owners = [child for _, child in base_named_modules(module)]
+    parameters = [parameter for child in owners for parameter in child.parameters(recurse=False)]
     if any(parameter.dim() > 3 for parameter in parameters):
         return None
-    if any(isinstance(child, nn.modules.conv._ConvNd) for _, child in base_named_modules(module)):
+    if any(isinstance(child, nn.modules.conv._ConvNd) for child in owners):
         return None
     stacked = [parameter for parameter in parameters if parameter.dim() == 3]
     # Not the experts' own per-expert matrices (GPT-OSS keeps `(num_experts, hidden)` biases next to its weights).
-    owners = [child for _, child in base_named_modules(module)]
     routers = {
         tuple(parameter.shape)
         for child in owners
@@ -279,7 +283,7 @@ def find_ffns(model: nn.Module, hidden_size: int, within: nn.Module | None = Non
             # The smallest module holding them: a layer's list of sub-layers (T5-style) holds them too.
             and not any(routed_experts_hidden_size(child) == hidden_size for child in _unwrapped(module).children())
         ):
-            if expert_block_hidden_size(module) == hidden_size and more_than_an_ffn(module, hidden_size) is None:
+            if _takes_hidden_states_alone(module) and more_than_an_ffn(module, hidden_size) is None:
                 found.append(name)
             else:
                 # Each expert sees the tokens routed to it, from every sequence of the batch: compressing one alone
