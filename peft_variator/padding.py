@@ -304,8 +304,9 @@ def _has_dims(value: Any, dims: int) -> bool:
     return isinstance(value, torch.Tensor) and value.dim() == dims
 
 
-# How entry points of transformers' models are handed a KV cache, old and new.
-_CACHE_ARGUMENTS = ("past_key_values", "past_key_value", "past", "mems")
+# How entry points of transformers' models are handed a KV cache, old and new (5.24 renamed `past_key_values` to
+# `cache`, and still takes the old name until 5.40).
+_CACHE_ARGUMENTS = ("cache", "past_key_values", "past_key_value", "past", "mems")
 
 
 @functools.cache

@@ -194,7 +194,8 @@ class VariatorTrainer(Trainer):
                 return loss.detach(), None, None
             if ignore_keys is None:
                 config = getattr(self.model, "config", None)
-                ignore_keys = getattr(config, "keys_to_ignore_at_inference", ["past_key_values"])
+                # The KV cache is no prediction; transformers 5.24 renamed the output `past_key_values` to `cache`.
+                ignore_keys = getattr(config, "keys_to_ignore_at_inference", ["cache", "past_key_values"])
             logits = tuple(value for key, value in outputs.items() if key not in (*ignore_keys, "loss"))
             return loss.detach(), nested_detach(logits[0] if len(logits) == 1 else logits), None
 
