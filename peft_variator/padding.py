@@ -23,9 +23,10 @@ import threading
 from typing import Any
 
 import torch
+import torch.nn.functional as F
 from torch import nn
 
-from .plugin import GroupLayout, plan_groups
+from .plugin import GroupLayout, plan_groups, plan_packed_groups
 
 _CONTEXT_ATTRIBUTE = "_variator_padding"
 
@@ -35,6 +36,8 @@ class _Recorded:
 
     Attributes:
         mask: the 2-D padding mask, None when the call had none.
+        sequence_index: `(B or 1, N)`, which sequence of its row each token belongs to, for a padding-free batch
+            (several sequences packed into each row, told apart by `position_ids` only); None otherwise.
         batch_size: sequences in the call, None when unknown.
         continues_cache: the call was given a KV cache, so its mask may also cover tokens of earlier calls.
         logits_kept: how many of each sequence's last positions the caller reads logits of (`logits_to_keep`, which
@@ -48,8 +51,10 @@ class _Recorded:
         batch_size: int | None = None,
         continues_cache: bool = False,
         logits_kept: int = 0,
+        sequence_index: torch.Tensor | None = None,
     ) -> None:
         self.mask = mask
+        self.sequence_index = sequence_index
         self.mask_version = _version_of(mask)
         # Layouts planned under inference mode are inference tensors, which autograd cannot save for backward.
         self.inference_mode = torch.is_inference_mode_enabled()
@@ -89,6 +94,7 @@ class PaddingContext:
         batch_size: int | None = None,
         continues_cache: bool = False,
         logits_kept: int = 0,
+        sequence_index: torch.Tensor | None = None,
     ) -> None:
         if attention_mask is not None and attention_mask.dim() != 2:
             raise ValueError(
@@ -111,6 +117,7 @@ class PaddingContext:
         if nested:
             continues_cache = continues_cache or current.continues_cache
             logits_kept = logits_kept or current.logits_kept
+            sequence_index = current.sequence_index if sequence_index is None else sequence_index
             if attention_mask is None or (
                 attention_mask is current.mask
                 and (current.mask_version is None or _version_of(attention_mask) == current.mask_version)
@@ -118,7 +125,9 @@ class PaddingContext:
                 attention_mask = current.mask
                 if batch_size is None or batch_size == current.batch_size:
                     return
-        self._local.recorded = self._latest = _Recorded(attention_mask, batch_size, continues_cache, logits_kept)
+        self._local.recorded = self._latest = _Recorded(
+            attention_mask, batch_size, continues_cache, logits_kept, sequence_index
+        )
 
     def enter(self) -> None:
         """An entry point's forward begins (after its call was recorded)."""
@@ -152,6 +161,12 @@ class PaddingContext:
         key = (batch_size, seq_len, ratio, exact_tail, device)
         layout = recorded.layouts.get(key)
         if layout is None:
+            if recorded.sequence_index is not None:
+                layout = plan_packed_groups(
+                    self._sequence_index_for(recorded, batch_size, seq_len).to(device), ratio, exact_tail
+                )
+                recorded.layouts[key] = layout
+                return layout
             mask = self._mask_for(recorded, batch_size, seq_len)
             if mask is not None:
                 mask = mask.to(device)
@@ -183,6 +198,18 @@ class PaddingContext:
         return batch, num_tokens // batch
 
     @staticmethod
+    def _sequence_index_for(recorded: _Recorded, batch_size: int, seq_len: int) -> torch.Tensor:
+        sequence_index = recorded.sequence_index
+        if sequence_index.shape[1] != seq_len:
+            raise ValueError(
+                f"A Variator layer received {seq_len} tokens per sequence, but the model was called with "
+                f"`position_ids` for {sequence_index.shape[1]} tokens that pack several sequences into each row: the "
+                "architecture changes the sequence length before this layer, so the layer cannot tell the packed "
+                "sequences apart. Run padded batches (an `attention_mask`) instead."
+            )
+        return sequence_index.expand(batch_size, -1)
+
+    @staticmethod
     def _mask_for(recorded: _Recorded, batch_size: int, seq_len: int) -> torch.Tensor | None:
         mask = recorded.mask
         if mask is None:
@@ -205,6 +232,21 @@ class PaddingContext:
             )
         # With a KV cache the mask also covers earlier tokens; the hidden states are the newest ones.
         return mask[:, mask.shape[1] - seq_len :]
+
+
+def packed_sequences(position_ids: Any) -> torch.Tensor | None:
+    """Which sequence of its row each token belongs to, `(B, N)`, when `position_ids` pack several sequences into a
+    row (a padding-free batch, e.g. from `DataCollatorWithFlattening`); None when no row holds more than one.
+
+    transformers' rule (`masking_utils.find_packed_sequence_indices`), which its attention follows when a call has no
+    `attention_mask` and no cache: a new sequence starts wherever the position does not go up by exactly one.
+    """
+    if not _has_dims(position_ids, 2) or position_ids.shape[1] < 2 or position_ids.is_floating_point():
+        return None
+    starts = position_ids.diff(dim=1) != 1
+    if not bool(starts.any()):
+        return None
+    return F.pad(starts.long().cumsum(dim=1), (1, 0))
 
 
 def _version_of(mask: torch.Tensor | None) -> int | None:
@@ -293,11 +335,15 @@ def _record(module: nn.Module, args: tuple, kwargs: dict) -> None:
             attention_mask = attention_mask.reshape(-1, attention_mask.shape[-1])
             break
     continues_cache = any(argument(name) is not None for name in _CACHE_ARGUMENTS)
+    # A padding-free batch tells its sequences apart by `position_ids` alone, as transformers' attention does.
+    sequence_index = None
+    if attention_mask is None and not continues_cache:
+        sequence_index = packed_sequences(argument("position_ids"))
     logits_kept = argument("logits_to_keep")
     if not isinstance(logits_kept, int) or isinstance(logits_kept, bool) or logits_kept < 0:
         # A tensor of positions (or nothing): logits anywhere, as in training, where every token is compressed.
         logits_kept = 0
-    context.record(attention_mask, batch_size, continues_cache, logits_kept)
+    context.record(attention_mask, batch_size, continues_cache, logits_kept, sequence_index)
 
 
 def _has_dims(value: Any, dims: int) -> bool:

@@ -146,6 +146,48 @@ def plan_groups(
     )
 
 
+def plan_packed_groups(sequence_index: torch.Tensor, ratio: int, exact_tail: int = 0) -> GroupLayout:
+    """Group the tokens of a padding-free batch, whose rows each hold several sequences one after another.
+
+    Groups never reach across two sequences: each sequence is grouped (and gets its `exact_tail`) as if it were a row
+    of its own. Planned as a padded batch of one row per sequence, then mapped back onto the packed rows.
+
+    Args:
+        sequence_index: `(B, N)`, nondecreasing along each row: which of the row's sequences each token belongs to
+            (`packed_sequences`).
+        ratio: k.
+        exact_tail: as in `plan_groups`, for every sequence.
+    """
+    batch, seq_len = sequence_index.shape
+    device = sequence_index.device
+    starts = torch.ones(batch, seq_len, dtype=torch.bool, device=device)
+    starts[:, 1:] = sequence_index[:, 1:] != sequence_index[:, :-1]
+    starts = starts.flatten()
+    sequence = starts.long().cumsum(dim=0) - 1
+    first_token = starts.nonzero().squeeze(1)
+    lengths = torch.bincount(sequence, minlength=first_token.shape[0])
+    # One padding column more than the longest sequence, so `plan_groups` always packs (keeps row indices).
+    width = int(lengths.max()) + 1
+    token = torch.arange(batch * seq_len, device=device)
+    one_per_row = sequence * width + (token - first_token[sequence])
+    mask = torch.arange(width, device=device) < lengths[:, None]
+    layout = plan_groups(width, ratio, mask, exact_tail)
+    # Padding slots borrow row 0; `slot_valid` zeroes them.
+    packed_row = torch.zeros(mask.numel(), dtype=torch.long, device=device)
+    packed_row[one_per_row] = token
+    token_alone = None if layout.token_alone is None else layout.token_alone.flatten()[one_per_row].view(batch, -1)
+    return GroupLayout(
+        ratio,
+        seq_len,
+        layout.num_groups,
+        slot_row=packed_row[layout.slot_row],
+        slot_valid=layout.slot_valid,
+        token_row=layout.token_row[one_per_row],
+        token_alone=token_alone,
+        group_alone=layout.group_alone,
+    )
+
+
 def gather_groups(hidden: torch.Tensor, layout: GroupLayout) -> torch.Tensor:
     """Arrange hidden states into groups: `(B, N, H)` -> `(B, G, k, H)` (`(1, R, k, H)` packed), zeros in empty
     slots."""

@@ -28,7 +28,7 @@ from .config import VariatorConfig
 from .hub import complete_card, saved_adapters
 from .layer import VariatorLayer
 from .model import is_causal_lm
-from .padding import padding_context
+from .padding import packed_sequences, padding_context
 from .registration import PREFIX
 
 _DISTILL_LAYERS = ("last", "all")
@@ -318,6 +318,11 @@ class VariatorTrainer(Trainer):
         mask = inputs.get("attention_mask")
         if self.decode_tokens and mask is not None:
             return last_real_tokens(mask, self.decode_tokens)
+        if self.decode_tokens and mask is None:
+            # A padding-free batch: the exact tokens are the last ones of every sequence packed into a row.
+            sequence_index = packed_sequences(inputs.get("position_ids"))
+            if sequence_index is not None:
+                return last_packed_tokens(sequence_index, self.decode_tokens)
         return mask
 
 
@@ -375,6 +380,13 @@ def last_real_tokens(mask: torch.Tensor, count: int) -> torch.Tensor:
     real = mask.bool()
     rank = real.long().cumsum(dim=1)
     return real & (rank > rank[:, -1:] - count)
+
+
+def last_packed_tokens(sequence_index: torch.Tensor, count: int) -> torch.Tensor:
+    """`(B, N)` mask of the last `count` tokens of each sequence packed into the rows (`packed_sequences`)."""
+    # A token is among the last `count` of its sequence when the token `count` places on is in another one (or none).
+    ahead = F.pad(sequence_index, (0, count), value=-1)[:, count:]
+    return ahead != sequence_index
 
 
 @contextlib.contextmanager

@@ -18,6 +18,7 @@ from transformers import (
     AutoModelForSeq2SeqLM,
     BertConfig,
     BertForMultipleChoice,
+    DataCollatorWithFlattening,
     DistilBertConfig,
     ElectraConfig,
     FNetConfig,
@@ -143,6 +144,22 @@ def test_decoder_mlps_are_found_and_left_padded_prompts_match_unpadded(model_typ
         for row, seq in enumerate(sequences):
             alone = model(input_ids=seq[None]).logits[0]
             torch.testing.assert_close(batched[row, 10 - len(seq) :], alone, atol=1e-5, rtol=1e-5)
+
+
+@pytest.mark.parametrize("model_type", ["llama", "qwen2"])
+def test_padding_free_batches_give_each_packed_sequence_its_own_output(model_type):
+    # `DataCollatorWithFlattening` packs a batch into one row told apart by `position_ids` alone; transformers'
+    # attention keeps the sequences apart (without a cache), and so must the plugins' groups.
+    model = variator(AutoModelForCausalLM.from_config(DECODERS[model_type]), ratio=4)
+    sequences = [torch.randint(3, 100, (n,)).tolist() for n in (7, 10, 5)]
+    packed = DataCollatorWithFlattening(return_tensors="pt")([{"input_ids": ids} for ids in sequences])
+    with torch.no_grad():
+        logits = model(input_ids=packed["input_ids"], position_ids=packed["position_ids"], use_cache=False).logits
+        start = 0
+        for ids in sequences:
+            alone = model(input_ids=torch.tensor([ids])).logits[0]
+            torch.testing.assert_close(logits[0, start : start + len(ids)], alone, atol=1e-5, rtol=1e-5)
+            start += len(ids)
 
 
 @pytest.mark.parametrize("model_type", sorted(DECODERS))

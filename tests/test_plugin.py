@@ -3,8 +3,15 @@
 import pytest
 import torch
 
-from peft_variator.padding import PaddingContext
-from peft_variator.plugin import DecompressionAdapter, compress, decompress, init_score, plan_groups
+from peft_variator.padding import PaddingContext, packed_sequences
+from peft_variator.plugin import (
+    DecompressionAdapter,
+    compress,
+    decompress,
+    init_score,
+    plan_groups,
+    plan_packed_groups,
+)
 
 B, N, H = 3, 10, 8
 # Left and right padding, and real lengths 9 and 5 that leave a token alone in its last group at ratio 4.
@@ -89,6 +96,39 @@ def test_padding_side_and_amount_do_not_change_real_token_outputs(exact_tail):
             assert torch.isfinite(out).all()
             for row, expected in enumerate(alone):
                 torch.testing.assert_close(out[row][mask[row].bool()], expected[0], atol=1e-5, rtol=1e-5)
+
+
+def test_packed_sequences_are_told_apart_where_the_position_does_not_go_up_by_one():
+    positions = torch.tensor([[0, 1, 2, 0, 1, 0, 1, 2, 3], [5, 6, 7, 8, 9, 10, 11, 12, 13]])
+    assert packed_sequences(positions).tolist() == [[0, 0, 0, 1, 1, 2, 2, 2, 2], [0] * 9]
+    # One sequence per row (any offset), or positions that are not plain (batch, seq_len) indices: not packed.
+    assert packed_sequences(positions[1:]) is None
+    assert packed_sequences(torch.arange(9).expand(3, 1, 9)) is None
+    assert packed_sequences(None) is None
+
+
+@pytest.mark.parametrize("exact_tail", [0, 1, 3])
+def test_sequences_packed_into_one_row_are_grouped_as_if_each_ran_alone(exact_tail):
+    plugin = make_plugin(4)
+    # Row 0 packs 7 + 9 tokens, row 1 packs 3 + 5 + 8: no group may reach across two sequences.
+    packed = [[7, 9], [3, 5, 8]]
+    sequences = [[torch.randn(1, n, H) for n in lengths] for lengths in packed]
+    hidden = torch.stack([torch.cat(row, dim=1)[0] for row in sequences])
+    sequence_index = torch.tensor([sum(([i] * n for i, n in enumerate(lengths)), []) for lengths in packed])
+    layout = plan_packed_groups(sequence_index, 4, exact_tail)
+    ffn = torch.nn.Sequential(torch.nn.Linear(H, 16), torch.nn.GELU(), torch.nn.Linear(16, H))
+    score, adapter = plugin
+    with torch.no_grad():
+        out = decompress(ffn(compress(hidden, layout, score)), hidden, layout, adapter)
+        for row, row_sequences in enumerate(sequences):
+            start = 0
+            for sequence in row_sequences:
+                n = sequence.shape[1]
+                mask = torch.ones(1, n, dtype=torch.long)
+                alone_layout = plan_groups(n, 4, mask, exact_tail)
+                alone = decompress(ffn(compress(sequence, alone_layout, score)), sequence, alone_layout, adapter)
+                torch.testing.assert_close(out[row, start : start + n], alone[0], atol=1e-5, rtol=1e-5)
+                start += n
 
 
 def test_padded_slots_get_zero_weight():

@@ -19,6 +19,7 @@ from transformers import (
     BertForQuestionAnswering,
     BertForSequenceClassification,
     BertModel,
+    DataCollatorWithFlattening,
     DataCollatorWithPadding,
     LlamaConfig,
     LlamaForCausalLM,
@@ -32,7 +33,7 @@ from transformers import (
 
 from peft_variator import VariatorConfig
 from peft_variator.layer import VariatorLayer
-from peft_variator.trainer import VariatorTrainer, last_real_tokens, logits_kl, masked_mse
+from peft_variator.trainer import VariatorTrainer, last_packed_tokens, last_real_tokens, logits_kl, masked_mse
 
 VOCAB, PAD = 100, 0
 
@@ -549,14 +550,14 @@ def test_bad_decode_tokens_raise_naming_the_argument(tmp_path, make_model, decod
 TWO_PROMPTS = [{"input_ids": list(range(1, 14))}, {"input_ids": list(range(20, 29))}]  # 13 and 9 tokens
 
 
-def one_training_step(tmp_path, model, **trainer_kwargs) -> float:
+def one_training_step(tmp_path, model, data_collator=collate, **trainer_kwargs) -> float:
     """The loss of one step on `TWO_PROMPTS` (learning rate 0: the weights stay as they are)."""
     trainer = VariatorTrainer(
         model=model,
         args=training_args(tmp_path, max_steps=1, per_device_train_batch_size=2, learning_rate=0.0),
         task_weight=0.0,
         train_dataset=Dataset.from_list(TWO_PROMPTS),
-        data_collator=collate,
+        data_collator=data_collator,
         **trainer_kwargs,
     )
     return trainer.train().training_loss
@@ -612,6 +613,22 @@ def test_with_decode_tokens_the_logits_kl_counts_those_positions_only(tmp_path):
     assert loss(0) == pytest.approx(logits_kl(student, teacher, batch["attention_mask"]).item(), rel=1e-4)
     assert loss(13) == pytest.approx(0.0, abs=1e-6)
     assert 0 < loss(3) < loss(0)
+
+
+def test_last_packed_tokens_marks_the_end_of_each_sequence_in_a_row():
+    sequence_index = torch.tensor([[0, 0, 0, 0, 1, 1, 2], [0, 0, 0, 0, 0, 0, 0]])
+    assert last_packed_tokens(sequence_index, 2).int().tolist() == [[0, 0, 1, 1, 1, 1, 1], [0, 0, 0, 0, 0, 1, 1]]
+
+
+def test_a_padding_free_batch_trains_on_the_same_loss_as_the_padded_one(tmp_path):
+    # Hidden-state MSE over every token and the logits KL over each sequence's last decode tokens, packed or padded.
+    model = variator_llama()
+    model.get_base_model().config.use_cache = False  # transformers keeps packed sequences apart only without a cache
+    randomize_plugins(model, std=0.2)
+    kwargs = dict(distill_weight=1.0, logits_weight=1.0, decode_tokens=3)
+    padded = one_training_step(tmp_path, model, **kwargs)
+    packed = one_training_step(tmp_path, model, data_collator=DataCollatorWithFlattening(), **kwargs)
+    assert packed == pytest.approx(padded, rel=1e-4)
 
 
 def test_gradient_checkpointing_recomputes_the_decode_token_layout(tmp_path):
