@@ -313,6 +313,15 @@ def _record(module: nn.Module, args: tuple, kwargs: dict) -> None:
     context = getattr(module, _CONTEXT_ATTRIBUTE, None)
     if context is None:
         return
+    if getattr(module, "_is_replica", False):
+        # A replica shares the original's `__dict__`, so its `forward` would be the original's recorder, which runs
+        # the original module (on the first device) instead of the replica.
+        raise RuntimeError(
+            "Variator models cannot run under torch.nn.DataParallel: its replicas would run the original model "
+            "instead of themselves. Use DistributedDataParallel (`torchrun` or `accelerate launch`); a Trainer "
+            "started with plain `python` on a machine with several GPUs wraps the model in DataParallel, so launch "
+            "it with `torchrun --nproc_per_node=<gpus>` or limit it to one GPU (CUDA_VISIBLE_DEVICES)."
+        )
     positions = _argument_positions(type(module))
 
     def argument(name: str) -> Any:

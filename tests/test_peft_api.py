@@ -510,6 +510,16 @@ def test_a_pickled_model_loads_with_the_same_outputs(tmp_path):
     torch.testing.assert_close(hidden(restored, other), hidden(model, other), rtol=0, atol=0)
 
 
+def test_a_data_parallel_replica_is_refused_naming_distributed_data_parallel():
+    # DataParallel copies every module shallowly, as `_replicate_for_data_parallel` does here (it needs no GPU).
+    model = get_peft_model(tiny_bert(), VariatorConfig(ratio=4))
+    replica = model.get_base_model()._replicate_for_data_parallel()
+    with pytest.raises(RuntimeError, match=r"DataParallel.*DistributedDataParallel"):
+        replica(**inputs())
+    # The model itself runs as before.
+    assert hidden(model, inputs()).shape == (2, 11, 32)
+
+
 @pytest.mark.parametrize(
     ("target_modules", "message"),
     [
