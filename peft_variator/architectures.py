@@ -101,7 +101,9 @@ def routed_experts_hidden_size(module: nn.Module) -> int | None:
 
     transformers stacks the routed experts' weights into 3-D parameters `(num_experts, ., .)` (Mixtral, Qwen3-MoE,
     OLMoE, GPT-OSS, DeepSeek-V2/V3, Llama 4, ...), which `linear_shapes` does not see, or keeps each expert as a
-    module in a `ModuleDict` / `ModuleList` (Switch Transformers, NLLB-MoE). Recognised by the parameters: at least
+    module in a `ModuleDict` / `ModuleList` (Switch Transformers, NLLB-MoE), or lays the experts' matrices end to
+    end in 2-D parameters `(num_experts * intermediate, hidden)` held outside any Linear (DBRX). Recognised by the
+    parameters: at least
     two experts, each reading and writing vectors of the router's input size, a router (a `(num_experts, hidden)`
     matrix), other matrices only where they touch hidden-size vectors (shared experts and their gate) or hold
     per-expert values (biases, routing statistics), and no convolution (whose 3-D weights mix tokens). Shape alone
@@ -115,6 +117,13 @@ def routed_experts_hidden_size(module: nn.Module) -> int | None:
     if any(isinstance(child, nn.modules.conv._ConvNd) for child in owners):
         return None
     stacked = [parameter for parameter in parameters if parameter.dim() == 3]
+    raw_matrices = [
+        parameter
+        for child in owners
+        if not isinstance(child, nn.Linear)
+        for parameter in child.parameters(recurse=False)
+        if parameter.dim() == 2
+    ]
     # Not the experts' own per-expert matrices (GPT-OSS keeps `(num_experts, hidden)` biases next to its weights).
     routers = {
         tuple(parameter.shape)
@@ -128,14 +137,26 @@ def routed_experts_hidden_size(module: nn.Module) -> int | None:
             experts_fit = len(stacked) >= 2 and all(
                 parameter.shape[0] == num_experts and hidden_size in parameter.shape[1:] for parameter in stacked
             )
+        elif listed := _listed_experts(module, hidden_size):
+            experts_fit = len(listed) == num_experts
         else:
-            experts_fit = len(_listed_experts(module, hidden_size)) == num_experts
+            experts_fit = _experts_end_to_end(raw_matrices, num_experts, hidden_size)
         if experts_fit and all(
             parameter.dim() == 1 or hidden_size in parameter.shape or num_experts in parameter.shape
             for parameter in parameters
         ):
             return hidden_size
     return None
+
+
+def _experts_end_to_end(matrices: list[nn.Parameter], num_experts: int, hidden_size: int) -> bool:
+    """Whether `matrices` (2-D parameters held outside any Linear) are at least two experts' weights laid end to end,
+    all `(num_experts * intermediate, hidden)` with an intermediate size of at least two (DBRX's `w1`, `v1`, `w2`)."""
+    shapes = {tuple(matrix.shape) for matrix in matrices}
+    if len(matrices) < 2 or len(shapes) != 1:
+        return False
+    rows, columns = shapes.pop()
+    return columns == hidden_size and rows % num_experts == 0 and rows // num_experts >= 2
 
 
 def _listed_experts(module: nn.Module, hidden_size: int) -> list[nn.Module]:

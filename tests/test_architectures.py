@@ -427,6 +427,35 @@ def test_mixture_of_experts_blocks_are_compressed_whole_and_left_padding_does_no
     assert torch.equal(uncompressed_tokens, reference_tokens) and tokens.shape == reference_tokens.shape
 
 
+def test_experts_laid_end_to_end_in_2d_weights_are_compressed_with_their_block():
+    # DBRX keeps all experts' matrices in `(num_experts * intermediate, hidden)` parameters next to a Linear router.
+    config = AutoConfig.for_model(
+        "dbrx",
+        vocab_size=100,
+        d_model=H,
+        n_layers=LAYERS,
+        n_heads=4,
+        max_seq_len=64,
+        attn_config=dict(kv_n_heads=2, rope_theta=10000.0, clip_qkv=8.0),
+        ffn_config=dict(ffn_hidden_size=FFN_DIM, moe_num_experts=4, moe_top_k=2),
+    )
+    base = AutoModelForCausalLM.from_config(config).eval()
+    ids = torch.randint(3, 100, (2, 11))
+    mask = torch.ones_like(ids)
+    mask[0, :4] = 0
+    with torch.no_grad():
+        reference = base(input_ids=ids, attention_mask=mask).logits
+    model = variator(base, ratio=3)
+    assert wrapped(model) == {f"base_model.model.transformer.blocks.{i}.ffn": VariatorFFN for i in range(LAYERS)}
+    with torch.no_grad():
+        padded = model(input_ids=ids, attention_mask=mask).logits
+        alone = model(input_ids=ids[:1, 4:]).logits
+        with model.disable_adapter():
+            torch.testing.assert_close(model(input_ids=ids, attention_mask=mask).logits, reference)
+    torch.testing.assert_close(padded[0, 4:], alone[0], rtol=0, atol=1e-5)
+    assert not torch.allclose(padded, reference)
+
+
 def test_experts_that_are_not_a_layers_whole_ffn_are_refused_as_a_target():
     """Mixtral's experts without their router (they also take the routing), JetMoE's experts inside attention (which
     calls their own methods, never their forward)."""
