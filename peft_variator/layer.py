@@ -133,34 +133,31 @@ class VariatorLayer(nn.Module, BaseTunerLayer):
     def unmerge(self) -> None:
         pass
 
-    def _as_sequences(self, hidden: torch.Tensor) -> torch.Tensor:
-        """`hidden` as `(B, N, H)`: as it is, or regrouped into the batch's sequences where the architecture
-        flattened the tokens to `(B * N, H)` before its FFN (OPT)."""
-        if hidden.dim() == 3:
-            return hidden
+    def _plan(self, hidden: torch.Tensor, adapter_name: str) -> tuple[torch.Tensor, GroupLayout | None]:
+        """`hidden` as `(B, N, H)` sequences, and their group layout (None when nothing is compressed: a single token
+        per row, as in every cached decoding step). Sequences are `hidden` as it is, or regrouped into the batch's
+        sequences where the architecture flattened the tokens to `(B * N, H)` before its FFN (OPT)."""
+        if hidden.dim() not in (2, 3):
+            raise ValueError(
+                f"Variator expects FFN inputs of shape (batch, seq_len, hidden) or (tokens, hidden), got "
+                f"{tuple(hidden.shape)}."
+            )
+        call = self.padding.call_of(self, hidden)
+        sequences = hidden
         if hidden.dim() == 2:
-            batch, seq_len = self.padding.sequence_shape(hidden.shape[0])
-            return hidden.view(batch, seq_len, hidden.shape[-1])
-        raise ValueError(
-            f"Variator expects FFN inputs of shape (batch, seq_len, hidden) or (tokens, hidden), got "
-            f"{tuple(hidden.shape)}."
-        )
+            batch, seq_len = self.padding.sequence_shape(hidden.shape[0], call)
+            sequences = hidden.view(batch, seq_len, hidden.shape[-1])
+        batch, seq_len = sequences.shape[:2]
+        if seq_len == 1:
+            return sequences, None
+        ratio, exact_last_token = self.ratio[adapter_name], self.exact_last_token[adapter_name]
+        return sequences, self.padding.layout(batch, seq_len, ratio, exact_last_token, sequences.device, call)
 
     @staticmethod
     def _flattened_like(tensor: torch.Tensor, reference: torch.Tensor) -> torch.Tensor:
         """`(B, L, D)` `tensor` flattened to `(B * L, D)` where the architecture handed the layer a flattened
         `reference` (OPT), as it is otherwise."""
         return tensor.flatten(0, 1) if reference.dim() == 2 else tensor
-
-    def _layout(self, sequences: torch.Tensor, adapter_name: str) -> GroupLayout | None:
-        """The group layout for `sequences` (B, N, H), or None when nothing is compressed (a single token per row,
-        as in every cached decoding step)."""
-        batch, seq_len = sequences.shape[:2]
-        if seq_len == 1:
-            return None
-        return self.padding.layout(
-            batch, seq_len, self.ratio[adapter_name], self.exact_last_token[adapter_name], sequences.device
-        )
 
     def __repr__(self) -> str:
         return "variator." + super().__repr__()
@@ -188,8 +185,7 @@ class VariatorFFN(VariatorLayer):
         adapter_name = self.active_plugin()
         if adapter_name is None:
             return self.base_layer(hidden, *args, **kwargs)
-        sequences = self._as_sequences(hidden)
-        layout = self._layout(sequences, adapter_name)
+        sequences, layout = self._plan(hidden, adapter_name)
         if layout is None:
             return self.base_layer(hidden, *args, **kwargs)
         compressed = compress(sequences, layout, self.variator_compressor[adapter_name])
@@ -259,8 +255,7 @@ class VariatorFFNInput(VariatorLayer):
 
     def forward(self, hidden: torch.Tensor, *args: Any, **kwargs: Any) -> torch.Tensor:
         adapter_name = self.active_plugin()
-        sequences = None if adapter_name is None else self._as_sequences(hidden)
-        layout = None if sequences is None else self._layout(sequences, adapter_name)
+        sequences, layout = (None, None) if adapter_name is None else self._plan(hidden, adapter_name)
         if layout is None:
             self.state.put(None, None)
             return self.base_layer(hidden, *args, **kwargs)

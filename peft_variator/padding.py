@@ -12,7 +12,8 @@ never through a closure: `copy.deepcopy` and pickling copy them with the module,
 the copy's own context, and unloading one model must not touch another.
 
 The last mask stays recorded after the forward returns: gradient checkpointing re-runs layers during backward,
-outside any model forward, and must see the same grouping.
+outside any model forward, and must see the same grouping. Where several calls ran before one backward (the two
+towers of a contrastive loss), each layer recognises which of them it is recomputing by its input (`call_of`).
 """
 
 from __future__ import annotations
@@ -20,6 +21,8 @@ from __future__ import annotations
 import functools
 import inspect
 import threading
+import weakref
+from collections import deque
 from typing import Any
 
 import torch
@@ -29,6 +32,9 @@ from torch import nn
 from .plugin import GroupLayout, plan_groups, plan_packed_groups
 
 _CONTEXT_ATTRIBUTE = "_variator_padding"
+# Training forwards remembered per layer for gradient checkpointing's recompute: more than the calls a contrastive
+# or preference loss runs before its backward.
+_REMEMBERED_CALLS = 16
 
 
 class _Recorded:
@@ -74,6 +80,8 @@ class PaddingContext:
     def __init__(self) -> None:
         self._local = threading.local()
         self._latest = _Recorded()
+        # Per layer, `(input shape, input fingerprint, call)` of its latest forwards in training mode.
+        self._training_calls: weakref.WeakKeyDictionary[nn.Module, deque] = weakref.WeakKeyDictionary()
         # Set by VariatorTrainer while it distills a causal LM: so many of each sequence's last tokens run exact, as
         # the last prompt token and the generated tokens do at inference. For every thread (checkpointed layers are
         # recomputed on autograd's), and only where the adapter keeps the last token exact.
@@ -140,14 +148,44 @@ class PaddingContext:
     def _calls_running(self) -> int:
         return getattr(self._local, "calls_running", 0)
 
+    @torch.compiler.disable
+    def call_of(self, layer: nn.Module, hidden: torch.Tensor) -> _Recorded:
+        """The recorded call that `layer`'s forward on `hidden` belongs to: the latest one, except when gradient
+        checkpointing recomputes the layer during backward after other calls were recorded (a contrastive loss runs
+        the model on anchors, then on positives, then backpropagates both). Such a recompute sees the same input as
+        the forward it repeats, so each training forward notes its input's shape and a fingerprint of its values, and
+        the recompute takes the call whose input matches. Noted in training mode whatever autograd's state: reentrant
+        checkpointing runs the original forward without gradients."""
+        current = getattr(self._local, "recorded", None) or self._latest
+        if not layer.training:
+            return current
+        calls = self._training_calls.setdefault(layer, deque(maxlen=_REMEMBERED_CALLS))
+        fingerprint = _fingerprint(hidden)
+        if torch._C._current_graph_task_id() == -1:  # not inside a backward pass
+            calls.append((hidden.shape, fingerprint, current))
+            return current
+        candidates = [(noted, call) for shape, noted, call in calls if shape == hidden.shape]
+        if len({id(call) for _, call in candidates}) <= 1:
+            return candidates[0][1] if candidates else current
+        # Recomputed on the same device from the same inputs: the forward's values, up to rounding at most.
+        distances = torch.stack([(noted - fingerprint).abs().max() for noted, _ in candidates])
+        return candidates[int(distances.argmin())][1]
+
     def layout(
-        self, batch_size: int, seq_len: int, ratio: int, exact_last_token: bool, device: torch.device
+        self,
+        batch_size: int,
+        seq_len: int,
+        ratio: int,
+        exact_last_token: bool,
+        device: torch.device,
+        recorded: _Recorded | None = None,
     ) -> GroupLayout:
-        """The group layout of hidden states `(batch_size, seq_len, H)` on `device` for `ratio`, memoised per forward.
+        """The group layout of hidden states `(batch_size, seq_len, H)` on `device` for `ratio`, memoised per forward,
+        for the `recorded` call (`call_of`; by default the latest).
 
         Per device, because a model split over several GPUs (`device_map="auto"`) runs its layers on different ones.
         """
-        recorded = getattr(self._local, "recorded", None) or self._latest
+        recorded = recorded or getattr(self._local, "recorded", None) or self._latest
         if recorded.batch_size is not None and recorded.batch_size != batch_size:
             raise ValueError(
                 f"A Variator layer received hidden states for {batch_size} sequences of {seq_len} tokens, but the "
@@ -176,9 +214,10 @@ class PaddingContext:
             recorded.layouts[key] = layout
         return layout
 
-    def sequence_shape(self, num_tokens: int) -> tuple[int, int]:
-        """`(batch, seq_len)` of hidden states that arrive flattened to `(num_tokens, H)`, as OPT's FFN gets them."""
-        recorded = getattr(self._local, "recorded", None) or self._latest
+    def sequence_shape(self, num_tokens: int, recorded: _Recorded | None = None) -> tuple[int, int]:
+        """`(batch, seq_len)` of hidden states that arrive flattened to `(num_tokens, H)`, as OPT's FFN gets them, in
+        the `recorded` call (by default the latest)."""
+        recorded = recorded or getattr(self._local, "recorded", None) or self._latest
         batch = recorded.batch_size
         mask = recorded.mask
         if mask is not None and not recorded.continues_cache and num_tokens != mask.numel():
@@ -232,6 +271,13 @@ class PaddingContext:
             )
         # With a KV cache the mask also covers earlier tokens; the hidden states are the newest ones.
         return mask[:, mask.shape[1] - seq_len :]
+
+
+def _fingerprint(hidden: torch.Tensor) -> torch.Tensor:
+    """One number per token vector of `hidden` that tells inputs apart: a projection on a fixed direction. Not the
+    plain sum, which is zero for every input right after a LayerNorm."""
+    direction = torch.linspace(-1.0, 1.0, hidden.shape[-1], device=hidden.device)
+    return hidden.detach().reshape(-1, hidden.shape[-1]).float() @ direction
 
 
 def packed_sequences(position_ids: Any) -> torch.Tensor | None:

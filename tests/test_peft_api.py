@@ -17,7 +17,7 @@ from peft import (
     set_peft_model_state_dict,
 )
 from safetensors.torch import load_file
-from transformers import AutoModelForSequenceClassification, BertConfig, BertModel, LlamaConfig
+from transformers import AutoModelForCausalLM, AutoModelForSequenceClassification, BertConfig, BertModel, LlamaConfig
 
 from peft_variator import VariatorConfig
 from peft_variator.layer import VariatorLayer
@@ -508,6 +508,41 @@ def test_a_pickled_model_loads_with_the_same_outputs(tmp_path):
     # Its padding is its own: a batch with other padding still groups by that batch's mask.
     other = inputs(batch=3, seq_len=9)
     torch.testing.assert_close(hidden(restored, other), hidden(model, other), rtol=0, atol=0)
+
+
+@pytest.mark.parametrize("use_reentrant", [False, True])
+@pytest.mark.parametrize("second_length", [11, 8])
+@pytest.mark.parametrize("architecture", ["bert", "llama"])
+def test_gradient_checkpointing_after_two_forwards_gives_the_gradients_of_running_without_it(
+    architecture, second_length, use_reentrant
+):
+    """A contrastive loss runs the model on anchors, then on positives, then backpropagates both: the layers each
+    recompute must group their own call's tokens, not the latest call's."""
+    anchors = inputs()
+    positives = inputs(seq_len=second_length)
+    positives["attention_mask"][1, 3:] = 0  # other padding than the anchors'
+
+    def plugin_gradients(checkpointing: bool) -> dict[str, torch.Tensor]:
+        torch.manual_seed(0)
+        if architecture == "bert":
+            base = BertModel(tiny_bert_config())
+        else:
+            base = AutoModelForCausalLM.from_config(tiny_llama_config())
+        model = get_peft_model(base, VariatorConfig(ratio=4))
+        randomize_plugins(model, std=0.2)
+        model.train()
+        if checkpointing:
+            model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": use_reentrant})
+            model.enable_input_require_grads()
+        first, second = (model(**batch, output_hidden_states=True).hidden_states[-1] for batch in (anchors, positives))
+        (first[:, 0] * second[:, 0]).sum().backward()
+        return {name: p.grad for name, p in model.named_parameters() if "variator_" in name}
+
+    expected = plugin_gradients(checkpointing=False)
+    assert all(gradient.abs().sum() > 0 for gradient in expected.values())
+    checkpointed = plugin_gradients(checkpointing=True)
+    for name, gradient in expected.items():
+        torch.testing.assert_close(checkpointed[name], gradient, msg=name)
 
 
 def test_a_data_parallel_replica_is_refused_naming_distributed_data_parallel():
