@@ -43,9 +43,10 @@ def card_for(model: PeftModel, adapter_names: list[str], card: ModelCard | None 
     base_model = next(iter(adapters.values())).base_model_name_or_path
     if base_model:
         card.data.base_model = base_model
-    ratios = sorted({config.ratio for config in adapters.values()})
-    tags = list(card.data.tags or [])
-    for tag in ["peft", "variator", *[f"variator-ratio-{ratio}" for ratio in ratios]]:
+    ratio_tags = [f"variator-ratio-{ratio}" for ratio in sorted({config.ratio for config in adapters.values()})]
+    # The model's own tags (which PEFT's card starts from) name every ratio it carries, saved or not.
+    tags = [tag for tag in card.data.tags or [] if not tag.startswith("variator-ratio-") or tag in ratio_tags]
+    for tag in ["peft", "variator", *ratio_tags]:
         if tag not in tags:
             tags.append(tag)
     card.data.tags = tags

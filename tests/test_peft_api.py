@@ -316,6 +316,7 @@ def test_the_saved_card_lists_the_adapters_saved_and_its_code_loads_them(tmp_pat
     card = (tmp_path / "README.md").read_text()
     for name, ratio in (("default", 4), ("ratio8", 8)):
         assert (f"| `{name}` | {ratio} |" in card) == (name in saved)
+        assert (f"- variator-ratio-{ratio}\n" in card) == (name in saved)
     code = card[card.index("```python") + len("```python") : card.rindex("```")]
     namespace = {"base_model": pristine, "repo_id": str(tmp_path)}
     exec(code, namespace)  # the card's own loading code, as a user copies it
