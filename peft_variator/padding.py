@@ -28,6 +28,7 @@ from typing import Any
 import torch
 import torch.nn.functional as F
 from torch import nn
+from transformers import PreTrainedModel
 
 from .plugin import GroupLayout, plan_groups, plan_packed_groups
 
@@ -49,6 +50,9 @@ class _Recorded:
         logits_kept: how many of each sequence's last positions the caller reads logits of (`logits_to_keep`, which
             `generate()` sets: 1 per step, and the candidates + 1 in assisted or prompt-lookup decoding); 0 for all
             or unknown.
+        depth: how many entry points' calls were running when this call was recorded (0 for the outermost).
+        outer: the record this one replaced while nested in a running call, restored when this call returns (a
+            vision tower's record gives way to the text's again).
     """
 
     def __init__(
@@ -58,9 +62,13 @@ class _Recorded:
         continues_cache: bool = False,
         logits_kept: int = 0,
         sequence_index: torch.Tensor | None = None,
+        depth: int = 0,
+        outer: _Recorded | None = None,
     ) -> None:
         self.mask = mask
         self.sequence_index = sequence_index
+        self.depth = depth
+        self.outer = outer
         self.mask_version = _version_of(mask)
         # Layouts planned under inference mode are inference tensors, which autograd cannot save for backward.
         self.inference_mode = torch.is_inference_mode_enabled()
@@ -103,7 +111,10 @@ class PaddingContext:
         continues_cache: bool = False,
         logits_kept: int = 0,
         sequence_index: torch.Tensor | None = None,
+        takes_mask: bool = True,
     ) -> None:
+        """Record a call of an entry point; `takes_mask` is False for one whose forward has no `attention_mask`
+        (a vision tower), which never takes over the mask of the call it runs in."""
         if attention_mask is not None and attention_mask.dim() != 2:
             raise ValueError(
                 "Variator needs a 2-D padding mask `attention_mask` of shape (batch, seq_len) to group real tokens, "
@@ -116,13 +127,11 @@ class PaddingContext:
         # still running (`_calls_running`, counted by `enter` / `leave` around each entry point's forward, after its
         # records); a call after the last one returned is new, whatever its mask. The inner record keeps what only
         # the head was given (the logits to keep, the cache) and takes the inner mask where the head passed on a
-        # different one.
-        nested = (
-            current is not None
-            and self._calls_running() > 0
-            and current.inference_mode == torch.is_inference_mode_enabled()
-        )
-        if nested:
+        # different one. A tower of a model with several (CLIP's text and vision models, a vision-language model's
+        # vision tower) records its own call, and the call it ran in gets its record back when it returns.
+        depth = self._calls_running()
+        nested = current is not None and depth > 0 and current.inference_mode == torch.is_inference_mode_enabled()
+        if nested and takes_mask:
             continues_cache = continues_cache or current.continues_cache
             logits_kept = logits_kept or current.logits_kept
             sequence_index = current.sequence_index if sequence_index is None else sequence_index
@@ -133,8 +142,12 @@ class PaddingContext:
                 attention_mask = current.mask
                 if batch_size is None or batch_size == current.batch_size:
                     return
+        outer = None
+        if nested:
+            # The pre-hook and the forward wrapper both record a call: the second replaces the first, not its outer.
+            outer = current.outer if current.depth == depth else current
         self._local.recorded = self._latest = _Recorded(
-            attention_mask, batch_size, continues_cache, logits_kept, sequence_index
+            attention_mask, batch_size, continues_cache, logits_kept, sequence_index, depth, outer
         )
 
     def enter(self) -> None:
@@ -142,8 +155,13 @@ class PaddingContext:
         self._local.calls_running = self._calls_running() + 1
 
     def leave(self) -> None:
-        """An entry point's call ended, returned or raised; its record stays for checkpointed layers' recompute."""
-        self._local.calls_running = max(self._calls_running() - 1, 0)
+        """An entry point's call ended, returned or raised. A nested call's record gives way to the one it replaced;
+        the outermost call's record stays, for checkpointed layers' recompute."""
+        depth = max(self._calls_running() - 1, 0)
+        self._local.calls_running = depth
+        current = getattr(self._local, "recorded", None)
+        if current is not None and current.depth == depth and current.outer is not None:
+            self._local.recorded = self._latest = current.outer
 
     def _calls_running(self) -> int:
         return getattr(self._local, "calls_running", 0)
@@ -336,13 +354,19 @@ def detach_padding_context(model: nn.Module) -> None:
 
 
 def _entry_points(model: nn.Module) -> list[nn.Module]:
+    """The modules whose calls are recorded: the model, its inner base model, the encoder that encoder-decoder
+    `generate()` calls directly, and every model inside it (CLIP's text and vision models, a vision-language model's
+    vision tower and language model, which `get_text_features` / `get_image_features` call directly) whose forward
+    takes an `attention_mask` or `pixel_values`."""
     candidates = [model, getattr(model, "base_model", None)]
     if getattr(getattr(model, "config", None), "is_encoder_decoder", False):
         candidates.append(model.get_encoder())
+    candidates += [module for module in model.modules() if isinstance(module, PreTrainedModel)]
     entry_points: list[nn.Module] = []
     for module in candidates:
         if isinstance(module, nn.Module) and all(module is not seen for seen in entry_points):
-            if "attention_mask" in inspect.signature(module.forward).parameters:
+            parameters = inspect.signature(module.forward).parameters
+            if "attention_mask" in parameters or "pixel_values" in parameters:
                 entry_points.append(module)
     return entry_points
 
@@ -398,7 +422,8 @@ def _record(module: nn.Module, args: tuple, kwargs: dict) -> None:
     if not isinstance(logits_kept, int) or isinstance(logits_kept, bool) or logits_kept < 0:
         # A tensor of positions (or nothing): logits anywhere, as in training, where every token is compressed.
         logits_kept = 0
-    context.record(attention_mask, batch_size, continues_cache, logits_kept, sequence_index)
+    takes_mask = "attention_mask" in positions
+    context.record(attention_mask, batch_size, continues_cache, logits_kept, sequence_index, takes_mask)
 
 
 def _has_dims(value: Any, dims: int) -> bool:

@@ -9,6 +9,7 @@ import logging
 
 import pytest
 import torch
+import torch.nn.functional as F
 from conftest import randomize_plugins
 from peft import get_peft_model
 from transformers import (
@@ -18,6 +19,10 @@ from transformers import (
     AutoModelForSeq2SeqLM,
     BertConfig,
     BertForMultipleChoice,
+    CLIPConfig,
+    CLIPModel,
+    CLIPTextConfig,
+    CLIPVisionConfig,
     DataCollatorWithFlattening,
     DistilBertConfig,
     ElectraConfig,
@@ -28,6 +33,8 @@ from transformers import (
     GPT2Config,
     GPTNeoXConfig,
     LlamaConfig,
+    LlavaConfig,
+    LlavaForConditionalGeneration,
     MistralConfig,
     MT5Config,
     OPTConfig,
@@ -454,6 +461,85 @@ def test_experts_laid_end_to_end_in_2d_weights_are_compressed_with_their_block()
             torch.testing.assert_close(model(input_ids=ids, attention_mask=mask).logits, reference)
     torch.testing.assert_close(padded[0, 4:], alone[0], rtol=0, atol=1e-5)
     assert not torch.allclose(padded, reference)
+
+
+TINY_VISION = CLIPVisionConfig(
+    hidden_size=H,
+    intermediate_size=FFN_DIM,
+    num_hidden_layers=LAYERS,
+    num_attention_heads=4,
+    image_size=32,
+    patch_size=8,
+)
+
+
+def features(output) -> torch.Tensor:
+    return output.pooler_output if hasattr(output, "pooler_output") else output
+
+
+def test_clips_text_and_vision_towers_each_group_their_own_tokens():
+    # The text tower reads the call's padding mask, the vision tower (17 patches) none; `get_text_features` and
+    # `get_image_features` call one tower directly, after whatever ran before.
+    text = CLIPTextConfig(
+        vocab_size=100, hidden_size=H, intermediate_size=FFN_DIM, num_hidden_layers=LAYERS, num_attention_heads=4
+    )
+    config = CLIPConfig(text_config=text, vision_config=TINY_VISION, projection_dim=16)
+    base = CLIPModel(config).eval()
+    ids = torch.randint(3, 100, (2, 9))
+    mask = torch.ones_like(ids)
+    mask[1, 5:] = 0
+    pixels = torch.randn(2, 3, 32, 32)
+    with torch.no_grad():
+        reference = base(input_ids=ids, attention_mask=mask, pixel_values=pixels)
+    model = variator(base, ratio=4)
+    towers = {name.split(".")[2] for name in wrapped(model)}
+    assert towers == {"text_model", "vision_model"}
+    with torch.no_grad():
+        both = model(input_ids=ids, attention_mask=mask, pixel_values=pixels)
+        model(input_ids=ids[:, :6], attention_mask=torch.ones(2, 6, dtype=torch.long), pixel_values=pixels)
+        texts = features(model.get_text_features(input_ids=ids, attention_mask=mask))
+        images = features(model.get_image_features(pixel_values=pixels))
+        second_text_alone = features(model.get_text_features(input_ids=ids[1:, :5]))
+        first_image_alone = features(model.get_image_features(pixel_values=pixels[:1]))
+        with model.disable_adapter():
+            uncompressed = model(input_ids=ids, attention_mask=mask, pixel_values=pixels)
+    torch.testing.assert_close(uncompressed.logits_per_text, reference.logits_per_text)
+    torch.testing.assert_close(texts[1], second_text_alone[0], rtol=0, atol=1e-5)
+    torch.testing.assert_close(images[0], first_image_alone[0], rtol=0, atol=1e-5)
+    torch.testing.assert_close(both.text_embeds, F.normalize(texts, dim=-1))
+    assert not torch.allclose(both.logits_per_text, reference.logits_per_text)
+
+
+def test_a_vision_language_model_compresses_its_vision_tower_and_its_prompt_and_generates():
+    text = LlamaConfig(**DECODER)
+    config = LlavaConfig(
+        vision_config=TINY_VISION,
+        text_config=text,
+        image_token_index=99,
+        vision_feature_layer=-1,
+        vision_feature_select_strategy="full",
+        image_seq_length=17,
+    )
+    base = LlavaForConditionalGeneration(config).eval()
+    ids = torch.randint(3, 90, (2, 23))
+    ids[:, 4:21] = 99  # the image's 17 patch features go here
+    mask = torch.ones_like(ids)
+    ids[0, :3], mask[0, :3] = 0, 0
+    pixels = torch.randn(2, 3, 32, 32)
+    settings = dict(max_new_tokens=3, do_sample=False)
+    with torch.no_grad():
+        reference = base.generate(input_ids=ids, attention_mask=mask, pixel_values=pixels, **settings)
+    model = variator(base, ratio=4)
+    assert {name.split(".")[3] for name in wrapped(model)} == {"vision_tower", "language_model"}
+    with torch.no_grad():
+        padded = model(input_ids=ids, attention_mask=mask, pixel_values=pixels).logits
+        alone = model(input_ids=ids[:1, 3:], pixel_values=pixels[:1]).logits
+        tokens = model.generate(input_ids=ids, attention_mask=mask, pixel_values=pixels, **settings)
+        with model.disable_adapter():
+            uncompressed = model.generate(input_ids=ids, attention_mask=mask, pixel_values=pixels, **settings)
+    # The image's patches are not the prompt's tokens: the prompt's padding must not reach the vision tower.
+    torch.testing.assert_close(padded[0, 3:], alone[0], rtol=0, atol=1e-5)
+    assert tokens.shape == reference.shape and torch.equal(uncompressed, reference)
 
 
 def test_experts_that_are_not_a_layers_whole_ffn_are_refused_as_a_target():
