@@ -219,6 +219,14 @@ class VariatorModel(BaseTuner):
     def merge_and_unload(self, *args, **kwargs) -> nn.Module:
         raise ValueError(_MERGE_ERROR)
 
+    def add_weighted_adapter(self, *args, **kwargs) -> None:
+        # PEFT offers it for LoRA-like methods only; without this, the call falls through to the base model's
+        # AttributeError.
+        raise ValueError(
+            "Variator adapters cannot be combined into a weighted one: each compresses the sequence its own way (its "
+            "ratio decides the groups). Load several and switch between them with `set_adapter` instead."
+        )
+
     def _unload_and_optionally_merge(self, merge: bool = True, **kwargs) -> nn.Module:
         if merge:
             raise ValueError(_MERGE_ERROR)

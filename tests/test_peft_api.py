@@ -243,6 +243,9 @@ def test_merge_and_unload_explains_why_not_and_points_to_unload():
         model.merge_and_unload()
     with pytest.raises(ValueError, match="cannot be folded"):
         model.merge_adapter()
+    model.add_adapter("ratio8", VariatorConfig(ratio=8))
+    with pytest.raises(ValueError, match="cannot be combined.*set_adapter"):
+        model.add_weighted_adapter(["default", "ratio8"], [0.5, 0.5], "mixed")
 
 
 def test_layers_to_transform_selects_layers_even_with_default_regex_targets():
