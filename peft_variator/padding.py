@@ -50,6 +50,8 @@ class _Recorded:
         logits_kept: how many of each sequence's last positions the caller reads logits of (`logits_to_keep`, which
             `generate()` sets: 1 per step, and the candidates + 1 in assisted or prompt-lookup decoding); 0 for all
             or unknown.
+        checkpointing: the model ran in training mode with gradient checkpointing on, so backward may recompute its
+            layers after other calls were recorded (`PaddingContext.call_of`).
         depth: how many entry points' calls were running when this call was recorded (0 for the outermost).
         outer: the record this one replaced while nested in a running call, restored when this call returns (a
             vision tower's record gives way to the text's again).
@@ -62,11 +64,13 @@ class _Recorded:
         continues_cache: bool = False,
         logits_kept: int = 0,
         sequence_index: torch.Tensor | None = None,
+        checkpointing: bool = False,
         depth: int = 0,
         outer: _Recorded | None = None,
     ) -> None:
         self.mask = mask
         self.sequence_index = sequence_index
+        self.checkpointing = checkpointing
         self.depth = depth
         self.outer = outer
         self.mask_version = _version_of(mask)
@@ -112,26 +116,31 @@ class PaddingContext:
         logits_kept: int = 0,
         sequence_index: torch.Tensor | None = None,
         takes_mask: bool = True,
+        checkpointing: bool = False,
     ) -> None:
         """Record a call of an entry point; `takes_mask` is False for one whose forward has no `attention_mask`
         (a vision tower), which never takes over the mask of the call it runs in."""
-        if attention_mask is not None and attention_mask.dim() != 2:
-            raise ValueError(
-                "Variator needs a 2-D padding mask `attention_mask` of shape (batch, seq_len) to group real tokens, "
-                f"got a {attention_mask.dim()}-D tensor of shape {tuple(attention_mask.shape)}. `generate()` builds "
-                'such masks itself for a static KV cache (`cache_implementation="static"`): generate with the '
-                "default dynamic cache."
-            )
         current = getattr(self._local, "recorded", None)
+        depth = self._calls_running()
+        nested = current is not None and depth > 0 and current.inference_mode == torch.is_inference_mode_enabled()
+        if attention_mask is not None and not _has_dims(attention_mask, 2):
+            if not nested:
+                raise ValueError(
+                    "Variator needs a 2-D padding mask `attention_mask` of shape (batch, seq_len) to group real "
+                    f"tokens, got {_described(attention_mask)}. `generate()` builds such masks itself for a static KV "
+                    'cache (`cache_implementation="static"`): generate with the default dynamic cache.'
+                )
+            # The masks a model builds from the call's own for an inner model (4-D, or one per attention type, as
+            # Gemma 3 and PaliGemma hand their language model): the running call's 2-D mask stands.
+            attention_mask = None
         # Nested entry points (a causal LM, then its inner base model) record the same call again, while the first is
         # still running (`_calls_running`, counted by `enter` / `leave` around each entry point's forward, after its
         # records); a call after the last one returned is new, whatever its mask. The inner record keeps what only
         # the head was given (the logits to keep, the cache) and takes the inner mask where the head passed on a
         # different one. A tower of a model with several (CLIP's text and vision models, a vision-language model's
         # vision tower) records its own call, and the call it ran in gets its record back when it returns.
-        depth = self._calls_running()
-        nested = current is not None and depth > 0 and current.inference_mode == torch.is_inference_mode_enabled()
         if nested and takes_mask:
+            checkpointing = checkpointing or current.checkpointing
             continues_cache = continues_cache or current.continues_cache
             logits_kept = logits_kept or current.logits_kept
             sequence_index = current.sequence_index if sequence_index is None else sequence_index
@@ -147,7 +156,7 @@ class PaddingContext:
             # The pre-hook and the forward wrapper both record a call: the second replaces the first, not its outer.
             outer = current.outer if current.depth == depth else current
         self._local.recorded = self._latest = _Recorded(
-            attention_mask, batch_size, continues_cache, logits_kept, sequence_index, depth, outer
+            attention_mask, batch_size, continues_cache, logits_kept, sequence_index, checkpointing, depth, outer
         )
 
     def enter(self) -> None:
@@ -172,22 +181,36 @@ class PaddingContext:
         checkpointing recomputes the layer during backward after other calls were recorded (a contrastive loss runs
         the model on anchors, then on positives, then backpropagates both). Such a recompute sees the same input as
         the forward it repeats, so each training forward notes its input's shape and a fingerprint of its values, and
-        the recompute takes the call whose input matches. Noted in training mode whatever autograd's state: reentrant
-        checkpointing runs the original forward without gradients."""
+        the recompute takes the call whose input matches. Noted only for calls of a model in training mode with
+        checkpointing on, whatever autograd's state (reentrant checkpointing runs the original forward without
+        gradients), and never under inference mode, whose calls no backward can reach."""
         current = getattr(self._local, "recorded", None) or self._latest
-        if not layer.training:
+        if not layer.training or torch.is_inference_mode_enabled():
             return current
-        calls = self._training_calls.setdefault(layer, deque(maxlen=_REMEMBERED_CALLS))
-        fingerprint = _fingerprint(hidden)
         if torch._C._current_graph_task_id() == -1:  # not inside a backward pass
-            calls.append((hidden.shape, fingerprint, current))
+            if current.checkpointing:
+                calls = self._training_calls.setdefault(layer, deque(maxlen=_REMEMBERED_CALLS))
+                calls.append((hidden.shape, _fingerprint(hidden), current))
             return current
-        candidates = [(noted, call) for shape, noted, call in calls if shape == hidden.shape]
-        if len({id(call) for _, call in candidates}) <= 1:
-            return candidates[0][1] if candidates else current
-        # Recomputed on the same device from the same inputs: the forward's values, up to rounding at most.
-        distances = torch.stack([(noted - fingerprint).abs().max() for noted, _ in candidates])
-        return candidates[int(distances.argmin())][1]
+        calls = self._training_calls.get(layer)
+        if not calls:
+            return current
+        fingerprint = _fingerprint(hidden)
+        # Recomputed on the same device from the same inputs: the forward's values, up to rounding at most. Of equal
+        # ones (the same batch run twice), the latest.
+        best, best_distance = None, None
+        for shape, noted, call in reversed(calls):
+            if shape == hidden.shape:
+                distance = float((noted - fingerprint).abs().max())
+                if best_distance is None or distance < best_distance:
+                    best, best_distance = call, distance
+        if best is None or best_distance > 1e-3 * (float(fingerprint.abs().max()) + 1e-6):
+            raise RuntimeError(
+                "Gradient checkpointing recomputed a Variator layer whose forward is not among the last "
+                f"{_REMEMBERED_CALLS} calls of the model in training mode, so its grouping is unknown. Run backward "
+                f"after at most {_REMEMBERED_CALLS} forwards, or turn gradient checkpointing off."
+            )
+        return best
 
     def layout(
         self,
@@ -292,10 +315,26 @@ class PaddingContext:
 
 
 def _fingerprint(hidden: torch.Tensor) -> torch.Tensor:
-    """One number per token vector of `hidden` that tells inputs apart: a projection on a fixed direction. Not the
-    plain sum, which is zero for every input right after a LayerNorm."""
-    direction = torch.linspace(-1.0, 1.0, hidden.shape[-1], device=hidden.device)
-    return hidden.detach().reshape(-1, hidden.shape[-1]).float() @ direction
+    """One number per token vector of `hidden` that tells inputs apart: a projection on a fixed direction (not the
+    plain sum, which is zero for every input right after a LayerNorm), in the input's dtype, kept as float32."""
+    direction = torch.linspace(-1.0, 1.0, hidden.shape[-1], device=hidden.device, dtype=hidden.dtype)
+    return (hidden.detach().reshape(-1, hidden.shape[-1]) @ direction).float()
+
+
+def is_checkpointing(
+    owner: Any, flags: tuple[str, str] = ("is_activation_checkpointing", "is_gradient_checkpointing")
+) -> bool:
+    """A model's (or `TrainingArguments`') checkpointing flag: transformers 5 renamed it (the old name warns), and
+    earlier 5.x releases have only the old one."""
+    new, old = flags
+    flag = getattr(owner, new, None)
+    return bool(getattr(owner, old, False) if flag is None else flag)
+
+
+def _described(mask: Any) -> str:
+    if isinstance(mask, torch.Tensor):
+        return f"a {mask.dim()}-D tensor of shape {tuple(mask.shape)}"
+    return f"a {type(mask).__name__}"
 
 
 def packed_sequences(position_ids: Any) -> torch.Tensor | None:
@@ -416,14 +455,17 @@ def _record(module: nn.Module, args: tuple, kwargs: dict) -> None:
     continues_cache = any(argument(name) is not None for name in _CACHE_ARGUMENTS)
     # A padding-free batch tells its sequences apart by `position_ids` alone, as transformers' attention does.
     sequence_index = None
-    if attention_mask is None and not continues_cache:
+    if attention_mask is None and not continues_cache and context._calls_running() == 0:
+        # Only for the outermost call: nested ones take it over.
         sequence_index = packed_sequences(argument("position_ids"))
     logits_kept = argument("logits_to_keep")
     if not isinstance(logits_kept, int) or isinstance(logits_kept, bool) or logits_kept < 0:
         # A tensor of positions (or nothing): logits anywhere, as in training, where every token is compressed.
         logits_kept = 0
     takes_mask = "attention_mask" in positions
-    context.record(attention_mask, batch_size, continues_cache, logits_kept, sequence_index, takes_mask)
+    # Read once per outermost call, in training only: the flag walks the model's modules.
+    checkpointing = module.training and context._calls_running() == 0 and is_checkpointing(module)
+    context.record(attention_mask, batch_size, continues_cache, logits_kept, sequence_index, takes_mask, checkpointing)
 
 
 def _has_dims(value: Any, dims: int) -> bool:

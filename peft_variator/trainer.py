@@ -28,7 +28,7 @@ from .config import VariatorConfig
 from .hub import complete_card, saved_adapters
 from .layer import VariatorLayer
 from .model import is_causal_lm
-from .padding import packed_sequences, padding_context
+from .padding import is_checkpointing, packed_sequences, padding_context
 from .registration import PREFIX
 
 _DISTILL_LAYERS = ("last", "all")
@@ -130,7 +130,7 @@ class VariatorTrainer(Trainer):
         training_args = kwargs.get("args", args[1] if len(args) > 1 else None)
         if len(self.trained_adapters) > 1 and training_args is not None:
             _refuse_checkpointing(
-                _is_checkpointing(training_args, flags=("activation_checkpointing", "gradient_checkpointing"))
+                is_checkpointing(training_args, flags=("activation_checkpointing", "gradient_checkpointing"))
             )
             # With several students per batch, DDP's search for unused parameters (the Trainer's default for PEFT
             # models) walks only the last student's graph and then marks the other students' parameters ready a
@@ -277,7 +277,7 @@ class VariatorTrainer(Trainer):
         # Users also turn checkpointing on themselves (`model.gradient_checkpointing_enable()`), not only through
         # `TrainingArguments`, so the model is asked at each step as well.
         if len(self.trained_adapters) > 1 and peft_model.training and torch.is_grad_enabled():
-            _refuse_checkpointing(_is_checkpointing(peft_model.get_base_model()))
+            _refuse_checkpointing(is_checkpointing(peft_model.get_base_model()))
 
     def _adapter_loss(
         self, adapter: str, student: Any, teacher: Any, inputs: dict[str, Any], task_loss: torch.Tensor | None
@@ -319,21 +319,15 @@ class VariatorTrainer(Trainer):
         if self.decode_tokens and mask is not None:
             return last_real_tokens(mask, self.decode_tokens)
         if self.decode_tokens and mask is None:
-            # A padding-free batch: the exact tokens are the last ones of every sequence packed into a row.
+            # The exact tokens are the last ones of every sequence: of each row, or of every sequence packed into a
+            # row (a padding-free batch).
             sequence_index = packed_sequences(inputs.get("position_ids"))
+            tokens = inputs.get("input_ids", inputs.get("inputs_embeds"))
+            if sequence_index is None and tokens is not None:
+                sequence_index = torch.zeros(tokens.shape[:2], dtype=torch.long, device=tokens.device)
             if sequence_index is not None:
                 return last_packed_tokens(sequence_index, self.decode_tokens)
         return mask
-
-
-def _is_checkpointing(
-    owner: Any, flags: tuple[str, str] = ("is_activation_checkpointing", "is_gradient_checkpointing")
-) -> bool:
-    """A model's (or `TrainingArguments`') checkpointing flag: transformers 5 renamed it (the old name warns), and
-    earlier 5.x releases have only the old one."""
-    new, old = flags
-    flag = getattr(owner, new, None)
-    return bool(getattr(owner, old, False) if flag is None else flag)
 
 
 def _refuse_checkpointing(checkpointing: bool) -> None:

@@ -30,6 +30,9 @@ from transformers import (
     FNetModel,
     FunnelBaseModel,
     FunnelConfig,
+    Gemma3Config,
+    Gemma3ForConditionalGeneration,
+    Gemma3TextConfig,
     GPT2Config,
     GPTNeoXConfig,
     LlamaConfig,
@@ -540,6 +543,39 @@ def test_a_vision_language_model_compresses_its_vision_tower_and_its_prompt_and_
     # The image's patches are not the prompt's tokens: the prompt's padding must not reach the vision tower.
     torch.testing.assert_close(padded[0, 3:], alone[0], rtol=0, atol=1e-5)
     assert tokens.shape == reference.shape and torch.equal(uncompressed, reference)
+
+
+def test_a_language_model_handed_its_own_masks_by_the_model_around_it_groups_by_the_calls_mask():
+    # Gemma 3 hands its language model a dict of masks (one per attention type), PaliGemma a 4-D one: built from
+    # the call's own 2-D mask, which stands.
+    text = Gemma3TextConfig(
+        vocab_size=128,
+        hidden_size=H,
+        intermediate_size=FFN_DIM,
+        num_hidden_layers=LAYERS,
+        num_attention_heads=4,
+        num_key_value_heads=2,
+        head_dim=8,
+        sliding_window=8,
+    )
+    config = Gemma3Config(
+        text_config=text,
+        vision_config=TINY_VISION,
+        mm_tokens_per_image=4,
+        image_token_index=120,
+        boi_token_index=121,
+        eoi_token_index=122,
+    )
+    model = variator(Gemma3ForConditionalGeneration(config).eval(), ratio=4)
+    ids = torch.randint(3, 100, (2, 9))
+    mask = torch.ones_like(ids)
+    mask[0, :2] = 0
+    with torch.no_grad():
+        padded = model(input_ids=ids, attention_mask=mask).logits
+        alone = model(input_ids=ids[:1, 2:]).logits
+        tokens = model.generate(input_ids=ids, attention_mask=mask, max_new_tokens=3, do_sample=False)
+    torch.testing.assert_close(padded[0, 2:], alone[0], rtol=0, atol=1e-5)
+    assert tokens.shape == (2, 12)
 
 
 def test_experts_that_are_not_a_layers_whole_ffn_are_refused_as_a_target():

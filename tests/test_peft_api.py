@@ -549,6 +549,35 @@ def test_gradient_checkpointing_after_two_forwards_gives_the_gradients_of_runnin
         torch.testing.assert_close(checkpointed[name], gradient, msg=name)
 
 
+def checkpointed_llama() -> PeftModel:
+    model = get_peft_model(AutoModelForCausalLM.from_config(tiny_llama_config()), VariatorConfig(ratio=4))
+    randomize_plugins(model, std=0.2)
+    model.train()
+    model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+    return model
+
+
+def test_gradient_checkpointing_after_scoring_the_same_batch_under_inference_mode():
+    # An RL step scores its batch with the adapter on, then trains on it: the recompute must not take the scoring
+    # call, whose layouts are inference tensors that autograd cannot save.
+    model = checkpointed_llama()
+    batch = inputs()
+    with torch.inference_mode():
+        model(**batch)
+    model(**batch).logits.logsumexp(-1).sum().backward()
+    assert all(p.grad is not None for name, p in model.named_parameters() if "variator_" in name)
+
+
+def test_gradient_checkpointing_after_more_forwards_than_remembered_raises_instead_of_guessing():
+    model = checkpointed_llama()
+    batches = [inputs() for _ in range(17)]
+    for row, batch in enumerate(batches):
+        batch["attention_mask"][1, : 1 + row % 5] = 0  # each its own padding
+    loss = sum(model(**batch).logits.logsumexp(-1).sum() for batch in batches)
+    with pytest.raises(RuntimeError, match="not among the last 16 calls"):
+        loss.backward()
+
+
 def test_a_data_parallel_replica_is_refused_naming_distributed_data_parallel():
     # DataParallel copies every module shallowly, as `_replicate_for_data_parallel` does here (it needs no GPU).
     model = get_peft_model(tiny_bert(), VariatorConfig(ratio=4))

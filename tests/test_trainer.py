@@ -550,13 +550,13 @@ def test_bad_decode_tokens_raise_naming_the_argument(tmp_path, make_model, decod
 TWO_PROMPTS = [{"input_ids": list(range(1, 14))}, {"input_ids": list(range(20, 29))}]  # 13 and 9 tokens
 
 
-def one_training_step(tmp_path, model, data_collator=collate, **trainer_kwargs) -> float:
-    """The loss of one step on `TWO_PROMPTS` (learning rate 0: the weights stay as they are)."""
+def one_training_step(tmp_path, model, data_collator=collate, prompts=TWO_PROMPTS, **trainer_kwargs) -> float:
+    """The loss of one step on `prompts` (learning rate 0: the weights stay as they are)."""
     trainer = VariatorTrainer(
         model=model,
-        args=training_args(tmp_path, max_steps=1, per_device_train_batch_size=2, learning_rate=0.0),
+        args=training_args(tmp_path, max_steps=1, per_device_train_batch_size=len(prompts), learning_rate=0.0),
         task_weight=0.0,
-        train_dataset=Dataset.from_list(TWO_PROMPTS),
+        train_dataset=Dataset.from_list(prompts),
         data_collator=data_collator,
         **trainer_kwargs,
     )
@@ -620,14 +620,16 @@ def test_last_packed_tokens_marks_the_end_of_each_sequence_in_a_row():
     assert last_packed_tokens(sequence_index, 2).int().tolist() == [[0, 0, 1, 1, 1, 1, 1], [0, 0, 0, 0, 0, 1, 1]]
 
 
-def test_a_padding_free_batch_trains_on_the_same_loss_as_the_padded_one(tmp_path):
-    # Hidden-state MSE over every token and the logits KL over each sequence's last decode tokens, packed or padded.
+@pytest.mark.parametrize("prompts", [TWO_PROMPTS, TWO_PROMPTS[:1]], ids=["two sequences", "one sequence"])
+def test_a_padding_free_batch_trains_on_the_same_loss_as_the_padded_one(tmp_path, prompts):
+    # Hidden-state MSE over every token and the logits KL over each sequence's last decode tokens, packed or padded
+    # (a batch of one sequence is not packed at all, and has no mask either).
     model = variator_llama()
     model.get_base_model().config.use_cache = False  # transformers keeps packed sequences apart only without a cache
     randomize_plugins(model, std=0.2)
     kwargs = dict(distill_weight=1.0, logits_weight=1.0, decode_tokens=3)
-    padded = one_training_step(tmp_path, model, **kwargs)
-    packed = one_training_step(tmp_path, model, data_collator=DataCollatorWithFlattening(), **kwargs)
+    padded = one_training_step(tmp_path, model, prompts=prompts, **kwargs)
+    packed = one_training_step(tmp_path, model, DataCollatorWithFlattening(), prompts, **kwargs)
     assert packed == pytest.approx(padded, rel=1e-4)
 
 
