@@ -113,12 +113,12 @@ CASES = {
 
 
 def _pooled_ffn(self, hidden, *args, **kwargs):
-    layout = self._layout(hidden, self.active_plugin())
+    _, layout = self._plan(hidden, self.active_plugin())
     return decompress(self.base_layer(compress(hidden, layout), *args, **kwargs), hidden, layout)
 
 
 def _pooled_input(self, hidden, *args, **kwargs):
-    layout = self._layout(hidden, self.active_plugin())
+    _, layout = self._plan(hidden, self.active_plugin())
     self.state.put(layout, hidden)
     return self.base_layer(compress(hidden, layout), *args, **kwargs)
 
