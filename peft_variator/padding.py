@@ -139,8 +139,9 @@ class PaddingContext:
         # the head was given (the logits to keep, the cache) and takes the inner mask where the head passed on a
         # different one. A tower of a model with several (CLIP's text and vision models, a vision-language model's
         # vision tower) records its own call, and the call it ran in gets its record back when it returns.
-        if nested and takes_mask:
+        if nested:
             checkpointing = checkpointing or current.checkpointing
+        if nested and takes_mask:
             continues_cache = continues_cache or current.continues_cache
             logits_kept = logits_kept or current.logits_kept
             sequence_index = current.sequence_index if sequence_index is None else sequence_index
