@@ -122,11 +122,14 @@ class VariatorModel(BaseTuner):
         encoder = _encoder_name(model)
         roles: dict[str, list[str]] = {"input": [], "output": []}
         wrappers = [key for key, module in model.named_modules() if isinstance(module, VariatorLayer)]
+        offloaded = [key for key, module in model.named_modules() if getattr(module, "_hf_hook", None) is not None]
+        offloaded = [key for key in offloaded if getattr(model.get_submodule(key)._hf_hook, "offload", False)]
         # Names as the base model has them: an FFN wrapped by an earlier adapter is planned as the module it wraps.
         for key, module in base_named_modules(model):
             if not key or not self._check_target_module_exists(peft_config, key):
                 continue
             _refuse_nesting(key, wrappers)
+            _refuse_offloaded(key, offloaded)
             if encoder is not None and not key.startswith(encoder + "."):
                 # The decoder is causal and its padding is not the encoder's mask, the one the layers are given.
                 raise ValueError(
@@ -266,6 +269,19 @@ def _refuse_nesting(target: str, wrappers: list[str]) -> None:
             f"Variator target {target!r} holds {inner}, which another Variator adapter already wraps. All Variator "
             "adapters of a model must wrap the same FFN modules: pass `target_modules` naming those."
         )
+
+
+def _refuse_offloaded(target: str, offloaded: list[str]) -> None:
+    """Refuse a target that accelerate keeps offloaded: PEFT would create its plugin weights on the meta device."""
+    for key in offloaded:
+        if not key or target == key or target.startswith(key + ".") or key.startswith(target + "."):
+            raise ValueError(
+                f'{target!r} is offloaded by accelerate (a `device_map` with "cpu" or "disk" entries, or '
+                "`cpu_offload`): plugin weights added there would be created on the meta device and lose their "
+                "values. Load the model without offloading, attach the plugins (`get_peft_model`, `add_adapter`, "
+                "`load_adapter`), then offload it: `accelerate.dispatch_model(model, device_map=..., "
+                "offload_dir=...)`."
+            )
 
 
 def is_causal_lm(model: nn.Module) -> bool:

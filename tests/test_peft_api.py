@@ -668,6 +668,24 @@ def test_layers_offloaded_by_a_device_map_run_their_plugins(architecture, tmp_pa
     torch.testing.assert_close(hidden(model, batch), expected)
 
 
+def test_plugins_cannot_be_added_to_layers_already_offloaded_and_the_model_is_left_as_it_was(tmp_path):
+    # PEFT would create their weights on the meta device, where their values are lost: attach first, then offload.
+    from accelerate import dispatch_model
+
+    base = tiny_bert()
+    device_map = {"embeddings": "cpu", "pooler": "cpu", "encoder.layer.0": "cpu", "encoder.layer.1": "disk"}
+    device_map["encoder.layer.2"] = "cpu"
+    dispatch_model(base, device_map=device_map, offload_dir=str(tmp_path / "offload"))
+    with pytest.raises(ValueError, match=r"'encoder.layer.1.intermediate' is offloaded.*dispatch_model"):
+        get_peft_model(base, VariatorConfig(ratio=4))
+    assert not any(isinstance(module, VariatorLayer) for module in base.modules())
+    model = get_peft_model(tiny_bert(), VariatorConfig(ratio=4))
+    dispatch_model(model.get_base_model(), device_map=device_map, offload_dir=str(tmp_path / "attached"))
+    with pytest.raises(ValueError, match="is offloaded"):
+        model.add_adapter("ratio8", VariatorConfig(ratio=8))
+    assert set(model.peft_config) == {"default"}
+
+
 def test_the_forward_wrapper_rebound_as_a_method_still_runs():
     # accelerate's `unwrap_model(keep_fp32_wrapper=False)` rebinds `forward` with `MethodType(forward, model)`.
     import types
