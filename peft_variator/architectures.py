@@ -429,9 +429,10 @@ def hidden_size_of(model_config: dict) -> int | None:
     for key in ("hidden_size", "d_model", "n_embd", "dim"):
         if isinstance(model_config.get(key), int):
             return model_config[key]
-    text_config = model_config.get("text_config")
-    if isinstance(text_config, dict):
-        return hidden_size_of(text_config)
+    # A vision-language model's language model; an encoder-decoder pair's encoder (the only side compressed).
+    for key in ("text_config", "encoder"):
+        if isinstance(model_config.get(key), dict):
+            return hidden_size_of(model_config[key])
     return None
 
 

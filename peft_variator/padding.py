@@ -117,9 +117,12 @@ class PaddingContext:
         sequence_index: torch.Tensor | None = None,
         takes_mask: bool = True,
         checkpointing: bool = False,
+        seq_len: int | None = None,
     ) -> None:
-        """Record a call of an entry point; `takes_mask` is False for one whose forward has no `attention_mask`
-        (a vision tower), which never takes over the mask of the call it runs in."""
+        """Record a call of an entry point on `seq_len` tokens per sequence (None when unknown); `takes_mask` is
+        False for one whose forward has no `attention_mask` (a vision tower), which never takes over the mask of the
+        call it runs in, and neither does one called without a mask on a sequence of another length (BLIP-2's
+        Q-former, on its query tokens)."""
         current = getattr(self._local, "recorded", None)
         depth = self._calls_running()
         nested = current is not None and depth > 0 and current.inference_mode == torch.is_inference_mode_enabled()
@@ -141,7 +144,15 @@ class PaddingContext:
         # vision tower) records its own call, and the call it ran in gets its record back when it returns.
         if nested:
             checkpointing = checkpointing or current.checkpointing
-        if nested and takes_mask:
+        own_sequence = (
+            attention_mask is None
+            and seq_len is not None
+            and current is not None
+            and current.mask is not None
+            and not current.continues_cache
+            and seq_len != current.mask.shape[1]
+        )
+        if nested and takes_mask and not own_sequence:
             continues_cache = continues_cache or current.continues_cache
             logits_kept = logits_kept or current.logits_kept
             sequence_index = current.sequence_index if sequence_index is None else sequence_index
@@ -454,6 +465,11 @@ def _record(module: nn.Module, args: tuple, kwargs: dict) -> None:
             attention_mask = attention_mask.reshape(-1, attention_mask.shape[-1])
             break
     continues_cache = any(argument(name) is not None for name in _CACHE_ARGUMENTS)
+    # Token ids or the first (batch, seq_len, hidden) tensor it is given (BLIP-2's Q-former takes `query_embeds`).
+    tokens = argument("input_ids")
+    if not _has_dims(tokens, 2):
+        tokens = next((value for value in (*args, *kwargs.values()) if _has_dims(value, 3)), None)
+    seq_len = None if tokens is None else tokens.shape[1]
     # A padding-free batch tells its sequences apart by `position_ids` alone, as transformers' attention does.
     sequence_index = None
     if attention_mask is None and not continues_cache and context._calls_running() == 0:
@@ -466,7 +482,9 @@ def _record(module: nn.Module, args: tuple, kwargs: dict) -> None:
     takes_mask = "attention_mask" in positions
     # Read once per outermost call, in training only: the flag walks the model's modules.
     checkpointing = module.training and context._calls_running() == 0 and is_checkpointing(module)
-    context.record(attention_mask, batch_size, continues_cache, logits_kept, sequence_index, takes_mask, checkpointing)
+    context.record(
+        attention_mask, batch_size, continues_cache, logits_kept, sequence_index, takes_mask, checkpointing, seq_len
+    )
 
 
 def _has_dims(value: Any, dims: int) -> bool:

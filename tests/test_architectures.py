@@ -19,6 +19,10 @@ from transformers import (
     AutoModelForSeq2SeqLM,
     BertConfig,
     BertForMultipleChoice,
+    Blip2Config,
+    Blip2ForConditionalGeneration,
+    Blip2QFormerConfig,
+    Blip2VisionConfig,
     CLIPConfig,
     CLIPModel,
     CLIPTextConfig,
@@ -26,6 +30,8 @@ from transformers import (
     DataCollatorWithFlattening,
     DistilBertConfig,
     ElectraConfig,
+    EncoderDecoderConfig,
+    EncoderDecoderModel,
     FNetConfig,
     FNetModel,
     FunnelBaseModel,
@@ -550,6 +556,53 @@ def test_a_language_model_handed_its_own_masks_by_the_model_around_it_groups_by_
         tokens = model.generate(input_ids=ids, attention_mask=mask, max_new_tokens=3, do_sample=False)
     torch.testing.assert_close(padded[0, 2:], alone[0], rtol=0, atol=1e-5)
     assert tokens.shape == (2, 12)
+
+
+def test_blip2s_query_transformer_groups_its_own_query_tokens_not_the_prompts():
+    # The Q-former (its own model, called without a mask on 4 query tokens) runs inside the call on the prompt.
+    vision = Blip2VisionConfig(**TINY_VISION.to_dict())
+    qformer = Blip2QFormerConfig(**ENCODER, encoder_hidden_size=H)
+    text = OPTConfig(vocab_size=128, hidden_size=H, ffn_dim=FFN_DIM, num_hidden_layers=LAYERS, num_attention_heads=4)
+    config = Blip2Config(
+        vision_config=vision, qformer_config=qformer, text_config=text, num_query_tokens=4, image_token_index=120
+    )
+    base = Blip2ForConditionalGeneration(config).eval()
+    model = variator(base, ratio=4)
+    assert any(".qformer." in name for name in wrapped(model))
+    ids = torch.randint(3, 100, (2, 12))
+    ids[:, 5:9] = 120  # the 4 query outputs go here
+    mask = torch.ones_like(ids)
+    ids[0, :3], mask[0, :3] = 0, 0
+    pixels = torch.randn(2, 3, 32, 32)
+    with torch.no_grad():
+        padded = model(input_ids=ids, attention_mask=mask, pixel_values=pixels).logits
+        alone = model(input_ids=ids[:1, 3:], pixel_values=pixels[:1]).logits
+        tokens = model.generate(input_ids=ids, attention_mask=mask, pixel_values=pixels, max_new_tokens=3)
+    torch.testing.assert_close(padded[0, 3:], alone[0], rtol=0, atol=1e-5)
+    assert tokens.shape[0] == 2
+
+
+def test_an_encoder_decoder_pair_compresses_its_encoder_found_by_its_own_config():
+    # EncoderDecoderModel (BERT2BERT) keeps the hidden size in its encoder's config only.
+    encoder = BertConfig(**ENCODER)
+    decoder = BertConfig(**ENCODER, is_decoder=True, add_cross_attention=True)
+    config = EncoderDecoderConfig.from_encoder_decoder_configs(encoder, decoder)
+    config.decoder_start_token_id, config.pad_token_id = 2, 0
+    base = EncoderDecoderModel(config=config).eval()
+    ids = torch.randint(3, 100, (2, 9))
+    mask = torch.ones_like(ids)
+    ids[0, 6:], mask[0, 6:] = 0, 0
+    with torch.no_grad():
+        reference = base.generate(input_ids=ids, attention_mask=mask, max_new_tokens=3, do_sample=False)
+    model = variator(base, ratio=4)
+    assert {name.split(".")[2] for name in wrapped(model)} == {"encoder"}
+    with torch.no_grad():
+        padded = model.get_encoder()(input_ids=ids, attention_mask=mask).last_hidden_state
+        alone = model.get_encoder()(input_ids=ids[:1, :6]).last_hidden_state
+        with model.disable_adapter():
+            uncompressed = model.generate(input_ids=ids, attention_mask=mask, max_new_tokens=3, do_sample=False)
+    torch.testing.assert_close(padded[0, :6], alone[0], rtol=0, atol=1e-5)
+    assert torch.equal(uncompressed, reference)
 
 
 def test_experts_that_are_not_a_layers_whole_ffn_are_refused_as_a_target():
