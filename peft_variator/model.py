@@ -11,6 +11,7 @@ from transformers.models.auto.modeling_auto import MODEL_FOR_CAUSAL_LM_MAPPING_N
 from .architectures import (
     FFN_LOCATIONS,
     base_named_modules,
+    ffn_hidden_size,
     ffn_role,
     find_ffns,
     hidden_size_of,
@@ -137,14 +138,18 @@ class VariatorModel(BaseTuner):
                     f"{key!r}, outside the encoder ({encoder!r}). Narrow `target_modules` to the encoder's FFNs, or "
                     "leave it unset to take the default."
                 )
-            role = ffn_role(module, key, hidden_size)
+            role, width = ffn_role(module, key, hidden_size), hidden_size
+            if role is None and ffn_role(module, key, None) == "ffn":
+                # A whole FFN of another width than the model's, named as a target: a vision tower's next to a wider
+                # language model. Its plugin takes its own width.
+                role, width = "ffn", ffn_hidden_size(module)
             if role is None:
                 raise ValueError(
                     f"Variator targets must be FFNs (hidden -> intermediate -> hidden), but {key!r} "
                     f"({type(module).__name__}) has linear layers {linear_shapes(module)}. Pass the module holding "
                     "the whole FFN in `target_modules`."
                 )
-            reason = more_than_an_ffn(module, hidden_size) if role == "ffn" else None
+            reason = more_than_an_ffn(module, width) if role == "ffn" else None
             if reason is not None:
                 raise ValueError(
                     f"Variator targets must be FFNs, but {key!r} ({type(module).__name__}) is more than one: "

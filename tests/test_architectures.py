@@ -534,6 +534,34 @@ def test_a_vision_language_model_compresses_its_vision_tower_and_its_prompt_and_
     assert tokens.shape == reference.shape and torch.equal(uncompressed, reference)
 
 
+@pytest.mark.parametrize(
+    ("target_modules", "towers"), [(None, {"language_model"}), (["mlp"], {"language_model", "vision_tower"})]
+)
+def test_a_vision_tower_of_another_width_is_compressed_only_when_named(target_modules, towers):
+    # LLaVA-1.5 pairs a 1024-wide CLIP with a 4096-wide Llama: found by structure, FFNs have the language model's
+    # width; named as targets, the vision tower's get plugins of their own width.
+    vision = CLIPVisionConfig(**{**TINY_VISION.to_dict(), "hidden_size": 48, "intermediate_size": 96})
+    config = LlavaConfig(
+        vision_config=vision,
+        text_config=LlamaConfig(**DECODER),
+        image_token_index=99,
+        vision_feature_layer=-1,
+        vision_feature_select_strategy="full",
+        image_seq_length=17,
+    )
+    model = variator(LlavaForConditionalGeneration(config).eval(), ratio=4, target_modules=target_modules)
+    assert {name.split(".")[3] for name in wrapped(model)} == towers
+    ids = torch.randint(3, 90, (2, 23))
+    ids[:, 4:21] = 99
+    mask = torch.ones_like(ids)
+    ids[0, :3], mask[0, :3] = 0, 0
+    pixels = torch.randn(2, 3, 32, 32)
+    with torch.no_grad():
+        padded = model(input_ids=ids, attention_mask=mask, pixel_values=pixels).logits
+        alone = model(input_ids=ids[:1, 3:], pixel_values=pixels[:1]).logits
+    torch.testing.assert_close(padded[0, 3:], alone[0], rtol=0, atol=1e-5)
+
+
 def test_a_language_model_handed_its_own_masks_by_the_model_around_it_groups_by_the_calls_mask():
     # Gemma 3 hands its language model a dict of masks (one per attention type), PaliGemma a 4-D one: built from
     # the call's own 2-D mask, which stands.
