@@ -408,7 +408,7 @@ def _entry_points(model: nn.Module) -> list[nn.Module]:
     """The modules whose calls are recorded: the model, its inner base model, the encoder that encoder-decoder
     `generate()` calls directly, and every model inside it (CLIP's text and vision models, a vision-language model's
     vision tower and language model, which `get_text_features` / `get_image_features` call directly) whose forward
-    takes an `attention_mask` or `pixel_values`."""
+    takes an `attention_mask`, `pixel_values` or (Qwen2-VL's vision tower) `grid_thw`."""
     candidates = [model, getattr(model, "base_model", None)]
     if getattr(getattr(model, "config", None), "is_encoder_decoder", False):
         candidates.append(model.get_encoder())
@@ -417,7 +417,7 @@ def _entry_points(model: nn.Module) -> list[nn.Module]:
     for module in candidates:
         if isinstance(module, nn.Module) and all(module is not seen for seen in entry_points):
             parameters = inspect.signature(module.forward).parameters
-            if "attention_mask" in parameters or "pixel_values" in parameters:
+            if {"attention_mask", "pixel_values", "grid_thw"} & set(parameters):
                 entry_points.append(module)
     return entry_points
 
@@ -479,6 +479,13 @@ def _record(module: nn.Module, args: tuple, kwargs: dict) -> None:
     if not isinstance(logits_kept, int) or isinstance(logits_kept, bool) or logits_kept < 0:
         # A tensor of positions (or nothing): logits anywhere, as in training, where every token is compressed.
         logits_kept = 0
+    grid_thw = argument("grid_thw")
+    if attention_mask is None and _has_dims(grid_thw, 2) and grid_thw.shape[1] == 3:
+        # A vision tower that takes every image's patches as one flattened sequence, `(patches, ...)`, and the
+        # `(temporal, height, width)` patch grid of each image (Qwen2-VL): each image is a sequence of its own.
+        patches = grid_thw.prod(dim=1)
+        images = torch.arange(len(patches), device=grid_thw.device)
+        sequence_index, batch_size = torch.repeat_interleave(images, patches)[None], 1
     takes_mask = "attention_mask" in positions
     # Read once per outermost call, in training only: the flag walks the model's modules.
     checkpointing = module.training and context._calls_running() == 0 and is_checkpointing(module)

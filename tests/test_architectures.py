@@ -48,6 +48,10 @@ from transformers import (
     MT5Config,
     OPTConfig,
     Qwen2Config,
+    Qwen2VLConfig,
+    Qwen2VLForConditionalGeneration,
+    Qwen2VLTextConfig,
+    Qwen2VLVisionConfig,
     RobertaConfig,
     T5Config,
     XLMRobertaConfig,
@@ -560,6 +564,30 @@ def test_a_vision_tower_of_another_width_is_compressed_only_when_named(target_mo
         padded = model(input_ids=ids, attention_mask=mask, pixel_values=pixels).logits
         alone = model(input_ids=ids[:1, 3:], pixel_values=pixels[:1]).logits
     torch.testing.assert_close(padded[0, 3:], alone[0], rtol=0, atol=1e-5)
+
+
+def test_qwen2_vls_vision_tower_groups_each_images_patches_on_their_own():
+    # Its vision tower takes every image's patches flattened into one sequence, with each image's patch grid.
+    text = Qwen2VLTextConfig(
+        **{**DECODER, "vocab_size": 128},
+        rope_parameters={"rope_type": "default", "rope_theta": 10000.0, "mrope_section": [2, 1, 1]},
+    )
+    vision = Qwen2VLVisionConfig(
+        depth=LAYERS, embed_dim=H, hidden_size=H, num_heads=4, patch_size=2, spatial_merge_size=2, mlp_ratio=2
+    )
+    config = Qwen2VLConfig(
+        text_config=text, vision_config=vision, image_token_id=120, vision_start_token_id=121, vision_end_token_id=122
+    )
+    model = variator(Qwen2VLForConditionalGeneration(config).eval(), ratio=8)
+    assert any(".visual.blocks." in name for name in wrapped(model))
+    grids = torch.tensor([[1, 2, 6], [1, 4, 4]])  # 12 and 16 patches: groups of 8 would straddle the two
+    pixels = torch.randn(28, 3 * 2 * 2 * 2)
+    visual = model.base_model.model.model.visual
+    with torch.no_grad():
+        both = visual(pixels, grid_thw=grids).pooler_output
+        first = visual(pixels[:12], grid_thw=grids[:1]).pooler_output
+        second = visual(pixels[12:], grid_thw=grids[1:]).pooler_output
+    torch.testing.assert_close(both, torch.cat([first, second]), rtol=0, atol=1e-5)
 
 
 def test_a_language_model_handed_its_own_masks_by_the_model_around_it_groups_by_the_calls_mask():
