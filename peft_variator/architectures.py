@@ -11,6 +11,7 @@ from dataclasses import dataclass
 import torch
 from peft.tuners.tuners_utils import BaseTunerLayer
 from torch import nn
+from transformers import PreTrainedModel
 
 from .registration import PREFIX
 
@@ -422,6 +423,27 @@ def _is_layer_part(name: str) -> bool:
     """Whether the module named `name` is a direct child of a numbered module: one part of one layer of a stack
     (`layers.3.mlp`, not `layers.3.self_attention.experts`)."""
     return re.fullmatch(r"(?:.*\.)?\d+\.[^.]+", name) is not None
+
+
+def own_width_ffn(model: nn.Module, key: str, module: nn.Module) -> int | None:
+    """The width of `module` (named `key` in `model`) when it is a whole FFN (or mixture-of-experts block) of its own
+    tower's width, which differs from the model's (a vision tower next to a wider language model); else None.
+
+    The width is read from the innermost model holding it (`hidden_size`, `embed_dim`, ... of its config), as the
+    order its Linears were registered in cannot tell an FFN's width from its intermediate size."""
+    if ffn_role(module, key, None) != "ffn":
+        return None
+    width = ffn_hidden_size(module)
+    if not (_is_whole_ffn(module, width) or expert_block_hidden_size(module) == width):
+        return None
+    names = key.split(".")
+    for end in range(len(names) - 1, -1, -1):
+        tower = model.get_submodule(".".join(names[:end]))
+        config = getattr(tower, "config", None)
+        if isinstance(tower, PreTrainedModel) and config is not None:
+            widths = {getattr(config, name, None) for name in ("hidden_size", "embed_dim", "d_model", "n_embd", "dim")}
+            return width if width in widths else None
+    return None
 
 
 def hidden_size_of(model_config: dict) -> int | None:

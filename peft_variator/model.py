@@ -11,13 +11,13 @@ from transformers.models.auto.modeling_auto import MODEL_FOR_CAUSAL_LM_MAPPING_N
 from .architectures import (
     FFN_LOCATIONS,
     base_named_modules,
-    ffn_hidden_size,
     ffn_role,
     find_ffns,
     hidden_size_of,
     layer_index,
     linear_shapes,
     more_than_an_ffn,
+    own_width_ffn,
     pair_split_halves,
     parallel_inputs,
 )
@@ -130,7 +130,8 @@ class VariatorModel(BaseTuner):
             if not key or not self._check_target_module_exists(peft_config, key):
                 continue
             _refuse_nesting(key, wrappers)
-            _refuse_offloaded(key, offloaded)
+            if not isinstance(model.get_submodule(key), VariatorLayer):  # an earlier adapter's plugins are in place
+                _refuse_offloaded(key, offloaded)
             if encoder is not None and not key.startswith(encoder + "."):
                 # The decoder is causal and its padding is not the encoder's mask, the one the layers are given.
                 raise ValueError(
@@ -139,10 +140,10 @@ class VariatorModel(BaseTuner):
                     "leave it unset to take the default."
                 )
             role, width = ffn_role(module, key, hidden_size), hidden_size
-            if role is None and ffn_role(module, key, None) == "ffn":
+            if role is None and (own_width := own_width_ffn(model, key, module)) is not None:
                 # A whole FFN of another width than the model's, named as a target: a vision tower's next to a wider
                 # language model. Its plugin takes its own width.
-                role, width = "ffn", ffn_hidden_size(module)
+                role, width = "ffn", own_width
             if role is None:
                 raise ValueError(
                     f"Variator targets must be FFNs (hidden -> intermediate -> hidden), but {key!r} "

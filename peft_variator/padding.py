@@ -119,14 +119,16 @@ class PaddingContext:
         checkpointing: bool = False,
         seq_len: int | None = None,
     ) -> None:
-        """Record a call of an entry point on `seq_len` tokens per sequence (None when unknown); `takes_mask` is
-        False for one whose forward has no `attention_mask` (a vision tower), which never takes over the mask of the
-        call it runs in, and neither does one called without a mask on a sequence of another length (BLIP-2's
-        Q-former, on its query tokens)."""
+        """Record a call of an entry point on `seq_len` tokens per sequence (from its `input_ids` or
+        `inputs_embeds`; None without either); `takes_mask` is False for one whose forward has no `attention_mask` (a
+        vision tower), which never takes over the mask of the call it runs in, and neither does one called without a
+        mask on tokens of its own (no token ids or embeddings, as BLIP-2's Q-former takes query embeddings) or of
+        another length."""
         current = getattr(self._local, "recorded", None)
         depth = self._calls_running()
         nested = current is not None and depth > 0 and current.inference_mode == torch.is_inference_mode_enabled()
-        if attention_mask is not None and not _has_dims(attention_mask, 2):
+        built_from_outer_mask = attention_mask is not None and not _has_dims(attention_mask, 2)
+        if built_from_outer_mask:
             if not nested:
                 raise ValueError(
                     "Variator needs a 2-D padding mask `attention_mask` of shape (batch, seq_len) to group real "
@@ -146,11 +148,11 @@ class PaddingContext:
             checkpointing = checkpointing or current.checkpointing
         own_sequence = (
             attention_mask is None
-            and seq_len is not None
+            and not built_from_outer_mask
             and current is not None
             and current.mask is not None
             and not current.continues_cache
-            and seq_len != current.mask.shape[1]
+            and (seq_len is None or seq_len != current.mask.shape[1])
         )
         if nested and takes_mask and not own_sequence:
             continues_cache = continues_cache or current.continues_cache
@@ -465,11 +467,8 @@ def _record(module: nn.Module, args: tuple, kwargs: dict) -> None:
             attention_mask = attention_mask.reshape(-1, attention_mask.shape[-1])
             break
     continues_cache = any(argument(name) is not None for name in _CACHE_ARGUMENTS)
-    # Token ids or the first (batch, seq_len, hidden) tensor it is given (BLIP-2's Q-former takes `query_embeds`).
-    tokens = argument("input_ids")
-    if not _has_dims(tokens, 2):
-        tokens = next((value for value in (*args, *kwargs.values()) if _has_dims(value, 3)), None)
-    seq_len = None if tokens is None else tokens.shape[1]
+    tokens = argument("input_ids") if _has_dims(argument("input_ids"), 2) else argument("inputs_embeds")
+    seq_len = tokens.shape[1] if _has_dims(tokens, 2) or _has_dims(tokens, 3) else None
     # A padding-free batch tells its sequences apart by `position_ids` alone, as transformers' attention does.
     sequence_index = None
     if attention_mask is None and not continues_cache and context._calls_running() == 0:

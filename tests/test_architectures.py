@@ -21,6 +21,7 @@ from transformers import (
     BertForMultipleChoice,
     Blip2Config,
     Blip2ForConditionalGeneration,
+    Blip2ForImageTextRetrieval,
     Blip2QFormerConfig,
     Blip2VisionConfig,
     CLIPConfig,
@@ -636,6 +637,37 @@ def test_blip2s_query_transformer_groups_its_own_query_tokens_not_the_prompts():
         tokens = model.generate(input_ids=ids, attention_mask=mask, pixel_values=pixels, max_new_tokens=3)
     torch.testing.assert_close(padded[0, 3:], alone[0], rtol=0, atol=1e-5)
     assert tokens.shape[0] == 2
+
+
+@pytest.mark.parametrize(("text_length", "padding"), [(9, 3), (8, 3), (8, 1), (7, 3)])
+def test_blip2s_image_embeddings_do_not_depend_on_the_texts_padding(text_length, padding):
+    # Image-text retrieval runs the Q-former on its 8 queries inside the call on the text, which may have as many
+    # tokens: the queries are still grouped as they are.
+    config = Blip2Config(
+        vision_config=Blip2VisionConfig(**TINY_VISION.to_dict()),
+        qformer_config=Blip2QFormerConfig(**ENCODER, encoder_hidden_size=H, use_qformer_text_input=True),
+        text_config=OPTConfig(vocab_size=100, hidden_size=H, ffn_dim=FFN_DIM, num_hidden_layers=LAYERS),
+        num_query_tokens=8,
+        image_text_hidden_size=16,
+    )
+    config.image_token_index = None
+    targets = r".*qformer\.encoder\.layer\.\d+\.(intermediate_query|output_query\.dense)"
+    model = variator(Blip2ForImageTextRetrieval(config).eval(), ratio=4, target_modules=targets)
+    pixels = torch.randn(1, 3, 32, 32)
+
+    def image_embeddings(length: int, padding: int) -> torch.Tensor:
+        mask = torch.ones(1, length, dtype=torch.long)
+        mask[:, :padding] = 0
+        with torch.no_grad():
+            output = model(
+                pixel_values=pixels,
+                input_ids=torch.randint(3, 100, (1, length)),
+                attention_mask=mask,
+                use_image_text_matching_head=False,
+            )
+        return output.image_embeds
+
+    torch.testing.assert_close(image_embeddings(text_length, padding), image_embeddings(9, 0), rtol=0, atol=1e-6)
 
 
 def test_an_encoder_decoder_pair_compresses_its_encoder_found_by_its_own_config():

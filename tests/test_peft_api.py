@@ -668,7 +668,7 @@ def test_layers_offloaded_by_a_device_map_run_their_plugins(architecture, tmp_pa
     torch.testing.assert_close(hidden(model, batch), expected)
 
 
-def test_plugins_cannot_be_added_to_layers_already_offloaded_and_the_model_is_left_as_it_was(tmp_path):
+def test_plugins_cannot_be_attached_to_layers_already_offloaded_and_the_model_is_left_as_it_was(tmp_path):
     # PEFT would create their weights on the meta device, where their values are lost: attach first, then offload.
     from accelerate import dispatch_model
 
@@ -679,11 +679,15 @@ def test_plugins_cannot_be_added_to_layers_already_offloaded_and_the_model_is_le
     with pytest.raises(ValueError, match=r"'encoder.layer.1.intermediate' is offloaded.*dispatch_model"):
         get_peft_model(base, VariatorConfig(ratio=4))
     assert not any(isinstance(module, VariatorLayer) for module in base.modules())
+    # Once the plugins are in place, more adapters go next to them (their weights are not created on meta).
     model = get_peft_model(tiny_bert(), VariatorConfig(ratio=4))
     dispatch_model(model.get_base_model(), device_map=device_map, offload_dir=str(tmp_path / "attached"))
-    with pytest.raises(ValueError, match="is offloaded"):
-        model.add_adapter("ratio8", VariatorConfig(ratio=8))
-    assert set(model.peft_config) == {"default"}
+    model.add_adapter("ratio8", VariatorConfig(ratio=8))
+    offloaded_layer = [p for name, p in model.named_parameters() if "ratio8" in name and "layer.1." in name]
+    assert offloaded_layer and all(p.device.type == "cpu" for p in offloaded_layer)
+    ratio4 = hidden(model, inputs())
+    model.set_adapter("ratio8")
+    assert not torch.allclose(hidden(model, inputs()), ratio4)
 
 
 def test_the_forward_wrapper_rebound_as_a_method_still_runs():
