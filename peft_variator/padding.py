@@ -481,10 +481,11 @@ def _record(module: nn.Module, args: tuple, kwargs: dict) -> None:
     grid_thw = argument("grid_thw")
     if attention_mask is None and _has_dims(grid_thw, 2) and grid_thw.shape[1] == 3:
         # A vision tower that takes every image's patches as one flattened sequence, `(patches, ...)`, and the
-        # `(temporal, height, width)` patch grid of each image (Qwen2-VL): each image is a sequence of its own.
-        patches = grid_thw.prod(dim=1)
-        images = torch.arange(len(patches), device=grid_thw.device)
-        sequence_index, batch_size = torch.repeat_interleave(images, patches)[None], 1
+        # `(frames, height, width)` patch grid of each image or video (Qwen2-VL): each frame is a sequence of its own,
+        # as it is to the tower's attention.
+        frame_patches = torch.repeat_interleave(grid_thw[:, 1] * grid_thw[:, 2], grid_thw[:, 0])
+        frames = torch.arange(len(frame_patches), device=grid_thw.device)
+        sequence_index, batch_size = torch.repeat_interleave(frames, frame_patches)[None], 1
     takes_mask = "attention_mask" in positions
     # Read once per outermost call, in training only: the flag walks the model's modules.
     checkpointing = module.training and context._calls_running() == 0 and is_checkpointing(module)

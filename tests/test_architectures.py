@@ -567,8 +567,9 @@ def test_a_vision_tower_of_another_width_is_compressed_only_when_named(target_mo
     torch.testing.assert_close(padded[0, 3:], alone[0], rtol=0, atol=1e-5)
 
 
-def test_qwen2_vls_vision_tower_groups_each_images_patches_on_their_own():
-    # Its vision tower takes every image's patches flattened into one sequence, with each image's patch grid.
+def test_qwen2_vls_vision_tower_groups_each_images_and_each_video_frames_patches_on_their_own():
+    # Its vision tower takes every image's patches flattened into one sequence, with each image's patch grid, and
+    # its attention treats each frame of a video as a sequence of its own.
     text = Qwen2VLTextConfig(
         **{**DECODER, "vocab_size": 128},
         rope_parameters={"rope_type": "default", "rope_theta": 10000.0, "mrope_section": [2, 1, 1]},
@@ -581,14 +582,14 @@ def test_qwen2_vls_vision_tower_groups_each_images_patches_on_their_own():
     )
     model = variator(Qwen2VLForConditionalGeneration(config).eval(), ratio=8)
     assert any(".visual.blocks." in name for name in wrapped(model))
-    grids = torch.tensor([[1, 2, 6], [1, 4, 4]])  # 12 and 16 patches: groups of 8 would straddle the two
-    pixels = torch.randn(28, 3 * 2 * 2 * 2)
+    # An image of 12 patches, then a video of two frames of 12: groups of 8 would straddle them.
+    grids = torch.tensor([[1, 2, 6], [2, 2, 6]])
+    pixels = torch.randn(36, 3 * 2 * 2 * 2)
     visual = model.base_model.model.model.visual
     with torch.no_grad():
-        both = visual(pixels, grid_thw=grids).pooler_output
-        first = visual(pixels[:12], grid_thw=grids[:1]).pooler_output
-        second = visual(pixels[12:], grid_thw=grids[1:]).pooler_output
-    torch.testing.assert_close(both, torch.cat([first, second]), rtol=0, atol=1e-5)
+        together = visual(pixels, grid_thw=grids).pooler_output
+        frames = [visual(pixels[start : start + 12], grid_thw=grids[:1]).pooler_output for start in (0, 12, 24)]
+    torch.testing.assert_close(together, torch.cat(frames), rtol=0, atol=1e-5)
 
 
 def test_a_language_model_handed_its_own_masks_by_the_model_around_it_groups_by_the_calls_mask():
