@@ -111,7 +111,7 @@ class VariatorLayer(nn.Module, BaseTunerLayer):
         self, ffn_output: torch.Tensor, tokens: torch.Tensor, layout: GroupLayout, adapter_name: str
     ) -> torch.Tensor:
         adapter = self._decompressor(adapter_name)
-        offloaded = [(module, hook) for module in adapter if (hook := _offloading_hook(module)) is not None]
+        offloaded = [(module, hook) for module in adapter if (hook := offloading_hook(module)) is not None]
         if not offloaded:
             return decompress(ffn_output, tokens, layout, adapter)
         # accelerate's offloading (a `device_map` with "cpu" or "disk", `cpu_offload`) keeps each Linear's weights on
@@ -297,7 +297,7 @@ class VariatorFFNOutput(VariatorLayer):
         return self._flattened_like(restored, ffn_output)
 
 
-def _offloading_hook(module: nn.Module) -> Any:
+def offloading_hook(module: nn.Module) -> Any:
     """accelerate's hook that keeps `module`'s weights offloaded between its forwards, or None."""
     hook = getattr(module, "_hf_hook", None)
     return hook if getattr(hook, "offload", False) else None

@@ -22,7 +22,15 @@ from .architectures import (
     parallel_inputs,
 )
 from .config import VariatorConfig
-from .layer import SplitFFNState, VariatorFFN, VariatorFFNInput, VariatorFFNOutput, VariatorLayer, check_one_adapter
+from .layer import (
+    SplitFFNState,
+    VariatorFFN,
+    VariatorFFNInput,
+    VariatorFFNOutput,
+    VariatorLayer,
+    check_one_adapter,
+    offloading_hook,
+)
 from .padding import detach_padding_context, padding_context
 from .registration import PREFIX
 
@@ -123,8 +131,7 @@ class VariatorModel(BaseTuner):
         encoder = _encoder_name(model)
         roles: dict[str, list[str]] = {"input": [], "output": []}
         wrappers = [key for key, module in model.named_modules() if isinstance(module, VariatorLayer)]
-        offloaded = [key for key, module in model.named_modules() if getattr(module, "_hf_hook", None) is not None]
-        offloaded = [key for key in offloaded if getattr(model.get_submodule(key)._hf_hook, "offload", False)]
+        offloaded = [key for key, module in model.named_modules() if offloading_hook(module) is not None]
         # Names as the base model has them: an FFN wrapped by an earlier adapter is planned as the module it wraps.
         for key, module in base_named_modules(model):
             if not key or not self._check_target_module_exists(peft_config, key):

@@ -255,17 +255,15 @@ class PaddingContext:
         layout = recorded.layouts.get(key)
         if layout is None:
             if recorded.sequence_index is not None:
-                layout = plan_packed_groups(
-                    self._sequence_index_for(recorded, batch_size, seq_len).to(device), ratio, exact_tail
-                )
-                recorded.layouts[key] = layout
-                return layout
-            mask = self._mask_for(recorded, batch_size, seq_len)
-            if mask is not None:
-                mask = mask.to(device)
-            elif exact_tail:
-                mask = torch.ones(batch_size, seq_len, dtype=torch.bool, device=device)
-            layout = plan_groups(seq_len, ratio, mask, exact_tail, device)
+                sequence_index = self._sequence_index_for(recorded, batch_size, seq_len).to(device)
+                layout = plan_packed_groups(sequence_index, ratio, exact_tail)
+            else:
+                mask = self._mask_for(recorded, batch_size, seq_len)
+                if mask is not None:
+                    mask = mask.to(device)
+                elif exact_tail:
+                    mask = torch.ones(batch_size, seq_len, dtype=torch.bool, device=device)
+                layout = plan_groups(seq_len, ratio, mask, exact_tail, device)
             recorded.layouts[key] = layout
         return layout
 
@@ -455,20 +453,18 @@ def _record(module: nn.Module, args: tuple, kwargs: dict) -> None:
 
     # The batch size lets layers regroup tokens that an architecture flattens before its FFN (OPT). Only from
     # (batch, seq_len) ids or (batch, seq_len, hidden) embeddings: multiple-choice models fold more into the batch.
-    batch_size = None
+    batch_size = seq_len = None
     attention_mask = argument("attention_mask")
     for name, dims in (("input_ids", 2), ("inputs_embeds", 3)):
         value = argument(name)
         if _has_dims(value, dims):
-            batch_size = value.shape[0]
+            batch_size, seq_len = value.shape[:2]
             break
         if _has_dims(value, dims + 1) and _has_dims(attention_mask, 3):
             # A multiple-choice model's (batch, choices, seq_len) inputs: it folds the choices into the batch itself.
             attention_mask = attention_mask.reshape(-1, attention_mask.shape[-1])
             break
     continues_cache = any(argument(name) is not None for name in _CACHE_ARGUMENTS)
-    tokens = argument("input_ids") if _has_dims(argument("input_ids"), 2) else argument("inputs_embeds")
-    seq_len = tokens.shape[1] if _has_dims(tokens, 2) or _has_dims(tokens, 3) else None
     # A padding-free batch tells its sequences apart by `position_ids` alone, as transformers' attention does.
     sequence_index = None
     if attention_mask is None and not continues_cache and context._calls_running() == 0:

@@ -463,12 +463,7 @@ def test_mixture_of_experts_blocks_are_compressed_whole_and_left_padding_does_no
 
 
 TINY_VISION = CLIPVisionConfig(
-    hidden_size=H,
-    intermediate_size=FFN_DIM,
-    num_hidden_layers=LAYERS,
-    num_attention_heads=4,
-    image_size=32,
-    patch_size=8,
+    **{key: value for key, value in ENCODER.items() if key != "vocab_size"}, image_size=32, patch_size=8
 )
 
 
@@ -507,6 +502,23 @@ def test_clips_text_and_vision_towers_each_group_their_own_tokens():
     assert not torch.allclose(both.logits_per_text, reference.logits_per_text)
 
 
+def image_prompts(length: int, image: slice, image_token: int) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """Two prompts with an image's placeholder tokens at `image`, the first left-padded by 3 tokens, and two images."""
+    ids = torch.randint(3, 90, (2, length))
+    ids[:, image] = image_token
+    mask = torch.ones_like(ids)
+    ids[0, :3], mask[0, :3] = 0, 0
+    return ids, mask, torch.randn(2, 3, 32, 32)
+
+
+def assert_the_padded_prompt_runs_as_alone(model, ids: torch.Tensor, mask: torch.Tensor, pixels: torch.Tensor) -> None:
+    # The image's patches are not the prompt's tokens: the prompt's padding must not reach the vision tower.
+    with torch.no_grad():
+        padded = model(input_ids=ids, attention_mask=mask, pixel_values=pixels).logits
+        alone = model(input_ids=ids[:1, 3:], pixel_values=pixels[:1]).logits
+    torch.testing.assert_close(padded[0, 3:], alone[0], rtol=0, atol=1e-5)
+
+
 def test_a_vision_language_model_compresses_its_vision_tower_and_its_prompt_and_generates():
     text = LlamaConfig(**DECODER)
     config = LlavaConfig(
@@ -518,24 +530,17 @@ def test_a_vision_language_model_compresses_its_vision_tower_and_its_prompt_and_
         image_seq_length=17,
     )
     base = LlavaForConditionalGeneration(config).eval()
-    ids = torch.randint(3, 90, (2, 23))
-    ids[:, 4:21] = 99  # the image's 17 patch features go here
-    mask = torch.ones_like(ids)
-    ids[0, :3], mask[0, :3] = 0, 0
-    pixels = torch.randn(2, 3, 32, 32)
+    ids, mask, pixels = image_prompts(23, slice(4, 21), image_token=99)  # the image's 17 patch features
     settings = dict(max_new_tokens=3, do_sample=False)
     with torch.no_grad():
         reference = base.generate(input_ids=ids, attention_mask=mask, pixel_values=pixels, **settings)
     model = variator(base, ratio=4)
     assert {name.split(".")[3] for name in wrapped(model)} == {"vision_tower", "language_model"}
+    assert_the_padded_prompt_runs_as_alone(model, ids, mask, pixels)
     with torch.no_grad():
-        padded = model(input_ids=ids, attention_mask=mask, pixel_values=pixels).logits
-        alone = model(input_ids=ids[:1, 3:], pixel_values=pixels[:1]).logits
         tokens = model.generate(input_ids=ids, attention_mask=mask, pixel_values=pixels, **settings)
         with model.disable_adapter():
             uncompressed = model.generate(input_ids=ids, attention_mask=mask, pixel_values=pixels, **settings)
-    # The image's patches are not the prompt's tokens: the prompt's padding must not reach the vision tower.
-    torch.testing.assert_close(padded[0, 3:], alone[0], rtol=0, atol=1e-5)
     assert tokens.shape == reference.shape and torch.equal(uncompressed, reference)
 
 
@@ -556,15 +561,7 @@ def test_a_vision_tower_of_another_width_is_compressed_only_when_named(target_mo
     )
     model = variator(LlavaForConditionalGeneration(config).eval(), ratio=4, target_modules=target_modules)
     assert {name.split(".")[3] for name in wrapped(model)} == towers
-    ids = torch.randint(3, 90, (2, 23))
-    ids[:, 4:21] = 99
-    mask = torch.ones_like(ids)
-    ids[0, :3], mask[0, :3] = 0, 0
-    pixels = torch.randn(2, 3, 32, 32)
-    with torch.no_grad():
-        padded = model(input_ids=ids, attention_mask=mask, pixel_values=pixels).logits
-        alone = model(input_ids=ids[:1, 3:], pixel_values=pixels[:1]).logits
-    torch.testing.assert_close(padded[0, 3:], alone[0], rtol=0, atol=1e-5)
+    assert_the_padded_prompt_runs_as_alone(model, *image_prompts(23, slice(4, 21), image_token=99))
 
 
 def test_qwen2_vls_vision_tower_groups_each_images_and_each_video_frames_patches_on_their_own():
@@ -627,16 +624,10 @@ def test_blip2s_query_transformer_groups_its_own_query_tokens_not_the_prompts():
     base = Blip2ForConditionalGeneration(config).eval()
     model = variator(base, ratio=4)
     assert any(".qformer." in name for name in wrapped(model))
-    ids = torch.randint(3, 100, (2, 12))
-    ids[:, 5:9] = 120  # the 4 query outputs go here
-    mask = torch.ones_like(ids)
-    ids[0, :3], mask[0, :3] = 0, 0
-    pixels = torch.randn(2, 3, 32, 32)
+    ids, mask, pixels = image_prompts(12, slice(5, 9), image_token=120)  # the 4 query outputs
+    assert_the_padded_prompt_runs_as_alone(model, ids, mask, pixels)
     with torch.no_grad():
-        padded = model(input_ids=ids, attention_mask=mask, pixel_values=pixels).logits
-        alone = model(input_ids=ids[:1, 3:], pixel_values=pixels[:1]).logits
         tokens = model.generate(input_ids=ids, attention_mask=mask, pixel_values=pixels, max_new_tokens=3)
-    torch.testing.assert_close(padded[0, 3:], alone[0], rtol=0, atol=1e-5)
     assert tokens.shape[0] == 2
 
 
