@@ -84,16 +84,15 @@ class VariatorLayer(nn.Module, BaseTunerLayer):
         return (first.device if first is not None else None), None
 
     def active_plugin(self) -> str | None:
-        """Name of the adapter whose plugin runs, or None when the layer runs as the base model."""
-        if self.disable_adapters:
-            return None
-        active = [name for name in self.active_adapters if name in self.ratio]
+        """Name of the adapter whose plugin runs, or None when the layer runs as the base model. A recompute of
+        gradient checkpointing runs the plugin its forward ran."""
+        active = [] if self.disable_adapters else [name for name in self.active_adapters if name in self.ratio]
         if len(active) > 1:
             raise ValueError(
                 f"Variator runs exactly one adapter at a time, but {active} are active. "
                 "Call `set_adapter` with a single adapter name."
             )
-        return active[0] if active else None
+        return self.padding.plugin_of(self, active[0] if active else None)
 
     def _init_decompressor(self) -> None:
         for name in DECOMPRESSOR_NAMES:
@@ -142,7 +141,7 @@ class VariatorLayer(nn.Module, BaseTunerLayer):
                 f"Variator expects FFN inputs of shape (batch, seq_len, hidden) or (tokens, hidden), got "
                 f"{tuple(hidden.shape)}."
             )
-        call = self.padding.call_of(self, hidden)
+        call = self.padding.call_of(self, hidden, adapter_name)
         sequences = hidden
         if hidden.dim() == 2:
             batch, seq_len = self.padding.sequence_shape(hidden.shape[0], call)

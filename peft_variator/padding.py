@@ -12,8 +12,11 @@ never through a closure: `copy.deepcopy` and pickling copy them with the module,
 the copy's own context, and unloading one model must not touch another.
 
 The last mask stays recorded after the forward returns: gradient checkpointing re-runs layers during backward,
-outside any model forward, and must see the same grouping. Where several calls ran before one backward (the two
-towers of a contrastive loss), each layer recognises which of them it is recomputing by its input (`call_of`).
+outside any model forward, and must see the same grouping and the same adapter. Several calls may run before one
+backward (the two towers of a contrastive loss; `VariatorTrainer`'s students, one adapter each), so the model's
+checkpointing function is wrapped to run each checkpointed block, in its forward and in its recompute, as part of the
+call it belongs to (`_ReplayingCheckpoint`). Where a model checkpoints by other means, each layer recognises the call
+it is recomputing by its input (`call_of`).
 """
 
 from __future__ import annotations
@@ -33,6 +36,8 @@ from transformers import PreTrainedModel
 from .plugin import GroupLayout, plan_groups, plan_packed_groups
 
 _CONTEXT_ATTRIBUTE = "_variator_padding"
+# Where transformers puts the function its checkpointed layers run through (`_set_gradient_checkpointing`).
+_CHECKPOINT_FUNCTION = "_gradient_checkpointing_func"
 # Training forwards remembered per layer for gradient checkpointing's recompute: more than the calls a contrastive
 # or preference loss runs before its backward.
 _REMEMBERED_CALLS = 16
@@ -55,6 +60,8 @@ class _Recorded:
         depth: how many entry points' calls were running when this call was recorded (0 for the outermost).
         outer: the record this one replaced while nested in a running call, restored when this call returns (a
             vision tower's record gives way to the text's again).
+        plugins: per layer, the adapter whose plugin it ran in this call (None: none), noted while checkpointing so
+            the recompute runs the same one (`PaddingContext.plugin_of`).
     """
 
     def __init__(
@@ -80,6 +87,7 @@ class _Recorded:
         self.continues_cache = continues_cache
         self.logits_kept = logits_kept
         self.layouts: dict[tuple[int, int, int, int, torch.device], GroupLayout] = {}
+        self.plugins: dict[nn.Module, str | None] = {}
 
 
 class PaddingContext:
@@ -189,19 +197,51 @@ class PaddingContext:
     def _calls_running(self) -> int:
         return getattr(self._local, "calls_running", 0)
 
+    def current_call(self) -> _Recorded:
+        """The call running in this thread (the latest one recorded by any thread where this one recorded none)."""
+        return getattr(self._local, "replaying", None) or getattr(self._local, "recorded", None) or self._latest
+
     @torch.compiler.disable
-    def call_of(self, layer: nn.Module, hidden: torch.Tensor) -> _Recorded:
-        """The recorded call that `layer`'s forward on `hidden` belongs to: the latest one, except when gradient
-        checkpointing recomputes the layer during backward after other calls were recorded (a contrastive loss runs
-        the model on anchors, then on positives, then backpropagates both). Such a recompute sees the same input as
-        the forward it repeats, so each training forward notes its input's shape and a fingerprint of its values, and
-        the recompute takes the call whose input matches. Noted only for calls of a model in training mode with
-        checkpointing on, whatever autograd's state (reentrant checkpointing runs the original forward without
-        gradients), and never under inference mode, whose calls no backward can reach."""
+    def _replay(self, call: _Recorded | None) -> _Recorded | None:
+        """Make `call` the one this thread's layers run in (None: back to the recorded calls); returns the previous
+        one. Outside `torch.compile`'s tracing, which would defer the thread-local write past a graph break."""
+        previous = getattr(self._local, "replaying", None)
+        self._local.replaying = call
+        return previous
+
+    @torch.compiler.disable
+    def plugin_of(self, layer: nn.Module, active: str | None) -> str | None:
+        """The adapter whose plugin `layer` runs (None: none): `active`, the one active now, except when gradient
+        checkpointing recomputes the layer during backward, which runs the one its forward ran, whatever was activated
+        since (`VariatorTrainer`'s students each run another adapter before one backward of their summed losses)."""
+        replaying = getattr(self._local, "replaying", None)
+        if not _in_backward():
+            call = replaying or getattr(self._local, "recorded", None) or self._latest
+            if call.checkpointing and layer.training:
+                call.plugins[layer] = active
+            return active
+        return active if replaying is None else replaying.plugins.get(layer, active)
+
+    @torch.compiler.disable
+    def call_of(self, layer: nn.Module, hidden: torch.Tensor, adapter: str | None = None) -> _Recorded:
+        """The recorded call that `layer`'s forward on `hidden` (running `adapter`) belongs to: the latest one, except
+        when gradient checkpointing recomputes the layer during backward after other calls were recorded (a
+        contrastive loss runs the model on anchors, then on positives, then backpropagates both).
+
+        Inside a block checkpointed through transformers' checkpointing function, that is the call the block ran in
+        (`_ReplayingCheckpoint`). Models that checkpoint by other means (a few call `torch.utils.checkpoint` directly)
+        are recognised by input: a recompute sees the same input as the forward it repeats, so each training forward
+        notes its input's shape and a fingerprint of its values, and the recompute takes the call whose input matches.
+        Noted only for calls of a model in training mode with checkpointing on, whatever autograd's state (reentrant
+        checkpointing runs the original forward without gradients), and never under inference mode, whose calls no
+        backward can reach."""
+        replaying = getattr(self._local, "replaying", None)
+        if replaying is not None:
+            return replaying
         current = getattr(self._local, "recorded", None) or self._latest
         if not layer.training or torch.is_inference_mode_enabled():
             return current
-        if torch._C._current_graph_task_id() == -1:  # not inside a backward pass
+        if not _in_backward():
             if current.checkpointing:
                 calls = self._training_calls.setdefault(layer, deque(maxlen=_REMEMBERED_CALLS))
                 calls.append((hidden.shape, _fingerprint(hidden), current))
@@ -218,11 +258,25 @@ class PaddingContext:
                 distance = float((noted - fingerprint).abs().max())
                 if best_distance is None or distance < best_distance:
                     best, best_distance = call, distance
-        if best is None or best_distance > 1e-3 * (float(fingerprint.abs().max()) + 1e-6):
+        tolerance = 1e-3 * (float(fingerprint.abs().max()) + 1e-6)
+        if best is None or best_distance > tolerance:
             raise RuntimeError(
                 "Gradient checkpointing recomputed a Variator layer whose forward is not among the last "
                 f"{_REMEMBERED_CALLS} calls of the model in training mode, so its grouping is unknown. Run backward "
                 f"after at most {_REMEMBERED_CALLS} forwards, or turn gradient checkpointing off."
+            )
+        # The layer runs the adapter active now: wrong if a matching forward ran another one.
+        ran = {
+            call.plugins.get(layer, adapter)
+            for shape, noted, call in calls
+            if shape == hidden.shape and float((noted - fingerprint).abs().max()) <= tolerance
+        }
+        if ran != {adapter}:
+            raise RuntimeError(
+                f"Gradient checkpointing recomputed a Variator layer that ran with adapter(s) {sorted(map(str, ran))} "
+                f"in its forward, but {adapter!r} is active now, and this model checkpoints its layers by other means "
+                "than transformers' `gradient_checkpointing_enable()`, so the recompute cannot switch back. Run "
+                "backward before switching adapters, or turn gradient checkpointing off."
             )
         return best
 
@@ -326,6 +380,46 @@ class PaddingContext:
         return mask[:, mask.shape[1] - seq_len :]
 
 
+def _in_backward() -> bool:
+    """Whether this thread runs inside a backward pass, as checkpointed layers' recompute does."""
+    return torch._C._current_graph_task_id() != -1
+
+
+class _ReplayingCheckpoint:
+    """A model's gradient checkpointing function (`_gradient_checkpointing_func`, which transformers' layers call with
+    their forward), wrapped so the block runs as part of the call it was checkpointed in: in its forward, and again in
+    its recompute during backward, after other calls may have run, with other masks or adapters.
+
+    Holds the context as an attribute (not in a closure) so deep copies and pickles of the model rebuild it around the
+    copy's own context.
+    """
+
+    def __init__(self, checkpoint: Any, context: PaddingContext) -> None:
+        self.checkpoint = checkpoint
+        self.context = context
+
+    def __call__(self, function: Any, *args: Any, **kwargs: Any) -> Any:
+        call = self.context.current_call()
+        context = self.context
+
+        def run_in_call(*inner_args: Any, **inner_kwargs: Any) -> Any:
+            previous = context._replay(call)
+            try:
+                return function(*inner_args, **inner_kwargs)
+            finally:
+                context._replay(previous)
+
+        return self.checkpoint(run_in_call, *args, **kwargs)
+
+
+def _replay_checkpoints(model: nn.Module, context: PaddingContext) -> None:
+    """Wrap the checkpointing functions of `model` (`gradient_checkpointing_enable()` sets new ones each time)."""
+    for module in model.modules():
+        function = vars(module).get(_CHECKPOINT_FUNCTION)
+        if function is not None and not isinstance(function, _ReplayingCheckpoint):
+            object.__setattr__(module, _CHECKPOINT_FUNCTION, _ReplayingCheckpoint(function, context))
+
+
 def _fingerprint(hidden: torch.Tensor) -> torch.Tensor:
     """One number per token vector of `hidden` that tells inputs apart: a projection on a fixed direction (not the
     plain sum, which is zero for every input right after a LayerNorm), in the input's dtype, kept as float32."""
@@ -402,6 +496,10 @@ def detach_padding_context(model: nn.Module) -> None:
                 object.__setattr__(module, "forward", wrapper.inner)
         if _CONTEXT_ATTRIBUTE in vars(module):
             object.__delattr__(module, _CONTEXT_ATTRIBUTE)
+    for module in model.modules():
+        function = vars(module).get(_CHECKPOINT_FUNCTION)
+        if isinstance(function, _ReplayingCheckpoint):
+            object.__setattr__(module, _CHECKPOINT_FUNCTION, function.checkpoint)
 
 
 def _entry_points(model: nn.Module) -> list[nn.Module]:
@@ -485,6 +583,8 @@ def _record(module: nn.Module, args: tuple, kwargs: dict) -> None:
     takes_mask = "attention_mask" in positions
     # Read once per outermost call, in training only: the flag walks the model's modules.
     checkpointing = module.training and context._calls_running() == 0 and is_checkpointing(module)
+    if checkpointing:
+        _replay_checkpoints(module, context)
     context.record(
         attention_mask, batch_size, continues_cache, logits_kept, sequence_index, takes_mask, checkpointing, seq_len
     )

@@ -28,7 +28,7 @@ from .config import VariatorConfig
 from .hub import complete_card, saved_adapters
 from .layer import VariatorLayer
 from .model import is_causal_lm
-from .padding import is_checkpointing, packed_sequences, padding_context
+from .padding import packed_sequences, padding_context
 from .registration import PREFIX
 
 _DISTILL_LAYERS = ("last", "all")
@@ -129,9 +129,6 @@ class VariatorTrainer(Trainer):
         _set_trainable(model, self.trained_adapters)
         training_args = kwargs.get("args", args[1] if len(args) > 1 else None)
         if len(self.trained_adapters) > 1 and training_args is not None:
-            _refuse_checkpointing(
-                is_checkpointing(training_args, flags=("activation_checkpointing", "gradient_checkpointing"))
-            )
             # With several students per batch, DDP's search for unused parameters (the Trainer's default for PEFT
             # models) walks only the last student's graph and then marks the other students' parameters ready a
             # second time. Every trained adapter gets a gradient from the summed loss, so the search is not needed.
@@ -207,7 +204,6 @@ class VariatorTrainer(Trainer):
         num_items_in_batch: torch.Tensor | int | None = None,
     ) -> torch.Tensor | tuple[torch.Tensor, Any]:
         peft_model = self.accelerator.unwrap_model(model)
-        self._check_checkpointing(peft_model)
         # A forward taking `**kwargs` (remote code) gives the Trainer no label names; it still trains on `labels`.
         label_names = self.label_names or ["labels"]
         labels = {name: inputs[name] for name in label_names if inputs.get(name) is not None}
@@ -273,12 +269,6 @@ class VariatorTrainer(Trainer):
             return self.compute_loss_func(outputs, labels, num_items_in_batch=num_items_in_batch)
         return self.label_smoother(outputs, labels)
 
-    def _check_checkpointing(self, peft_model: PeftModel) -> None:
-        # Users also turn checkpointing on themselves (`model.gradient_checkpointing_enable()`), not only through
-        # `TrainingArguments`, so the model is asked at each step as well.
-        if len(self.trained_adapters) > 1 and peft_model.training and torch.is_grad_enabled():
-            _refuse_checkpointing(is_checkpointing(peft_model.get_base_model()))
-
     def _adapter_loss(
         self, adapter: str, student: Any, teacher: Any, inputs: dict[str, Any], task_loss: torch.Tensor | None
     ) -> torch.Tensor:
@@ -328,17 +318,6 @@ class VariatorTrainer(Trainer):
             if sequence_index is not None:
                 return last_packed_tokens(sequence_index, self.decode_tokens)
         return mask
-
-
-def _refuse_checkpointing(checkpointing: bool) -> None:
-    if checkpointing:
-        # Checkpointed layers rerun their forward inside the one backward of the summed loss, with whichever adapter
-        # is active by then rather than the one each student ran with: wrong gradients, or a CheckpointError.
-        raise ValueError(
-            "Gradient (activation) checkpointing cannot be combined with several `ratios_adapters`: the layers would "
-            "be recomputed during the backward pass with another adapter than the one that ran them. Train one "
-            "adapter per run with checkpointing on, or turn checkpointing off."
-        )
 
 
 def masked_mse(student: torch.Tensor, teacher: torch.Tensor, mask: torch.Tensor | None) -> torch.Tensor:

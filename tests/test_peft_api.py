@@ -19,7 +19,7 @@ from peft import (
 from safetensors.torch import load_file
 from transformers import AutoModelForCausalLM, AutoModelForSequenceClassification, BertConfig, BertModel, LlamaConfig
 
-from peft_variator import VariatorConfig
+from peft_variator import VariatorConfig, padding
 from peft_variator.layer import VariatorLayer
 
 
@@ -514,11 +514,41 @@ def test_a_pickled_model_loads_with_the_same_outputs(tmp_path):
     torch.testing.assert_close(hidden(restored, other), hidden(model, other), rtol=0, atol=0)
 
 
+@pytest.fixture(params=["transformers", "direct"])
+def checkpointing_means(request, monkeypatch) -> str:
+    """How the model checkpoints its layers: through transformers' checkpointing function, which Variator wraps so a
+    recompute runs in the call it repeats, or by other means it cannot see (a few models call
+    `torch.utils.checkpoint` directly), where each layer recognises its call by its input."""
+    if request.param == "direct":
+        monkeypatch.setattr(padding, "_replay_checkpoints", lambda model, context: None)
+    return request.param
+
+
+def checkpointable(architecture: str) -> torch.nn.Module:
+    torch.manual_seed(0)
+    if architecture == "bert":
+        return BertModel(tiny_bert_config())
+    return AutoModelForCausalLM.from_config(tiny_llama_config())
+
+
+def last_hidden(model: PeftModel, batch: dict[str, torch.Tensor]) -> torch.Tensor:
+    return model(**batch, output_hidden_states=True).hidden_states[-1]
+
+
+def enable_checkpointing(model: PeftModel, use_reentrant: bool) -> None:
+    model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": use_reentrant})
+    model.enable_input_require_grads()
+
+
+def variator_gradients(model: PeftModel) -> dict[str, torch.Tensor]:
+    return {name: p.grad for name, p in model.named_parameters() if "variator_" in name and p.grad is not None}
+
+
 @pytest.mark.parametrize("use_reentrant", [False, True])
 @pytest.mark.parametrize("second_length", [11, 8])
 @pytest.mark.parametrize("architecture", ["bert", "llama"])
 def test_gradient_checkpointing_after_two_forwards_gives_the_gradients_of_running_without_it(
-    architecture, second_length, use_reentrant
+    architecture, second_length, use_reentrant, checkpointing_means
 ):
     """A contrastive loss runs the model on anchors, then on positives, then backpropagates both: the layers each
     recompute must group their own call's tokens, not the latest call's."""
@@ -527,26 +557,73 @@ def test_gradient_checkpointing_after_two_forwards_gives_the_gradients_of_runnin
     positives["attention_mask"][1, 3:] = 0  # other padding than the anchors'
 
     def plugin_gradients(checkpointing: bool) -> dict[str, torch.Tensor]:
-        torch.manual_seed(0)
-        if architecture == "bert":
-            base = BertModel(tiny_bert_config())
-        else:
-            base = AutoModelForCausalLM.from_config(tiny_llama_config())
-        model = get_peft_model(base, VariatorConfig(ratio=4))
+        model = get_peft_model(checkpointable(architecture), VariatorConfig(ratio=4))
         randomize_plugins(model, std=0.2)
         model.train()
         if checkpointing:
-            model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": use_reentrant})
-            model.enable_input_require_grads()
-        first, second = (model(**batch, output_hidden_states=True).hidden_states[-1] for batch in (anchors, positives))
+            enable_checkpointing(model, use_reentrant)
+        first, second = (last_hidden(model, batch) for batch in (anchors, positives))
         (first[:, 0] * second[:, 0]).sum().backward()
-        return {name: p.grad for name, p in model.named_parameters() if "variator_" in name}
+        return variator_gradients(model)
 
     expected = plugin_gradients(checkpointing=False)
     assert all(gradient.abs().sum() > 0 for gradient in expected.values())
     checkpointed = plugin_gradients(checkpointing=True)
+    assert checkpointed.keys() == expected.keys()
     for name, gradient in expected.items():
         torch.testing.assert_close(checkpointed[name], gradient, msg=name)
+
+
+@pytest.mark.parametrize("use_reentrant", [False, True])
+@pytest.mark.parametrize("architecture", ["bert", "llama"])
+def test_gradient_checkpointing_after_forwards_with_several_adapters_gives_the_gradients_of_running_without_it(
+    architecture, use_reentrant
+):
+    """Plugins of several ratios trained on one batch, each through its own forward, then one backward of the summed
+    losses (what VariatorTrainer's `ratios_adapters` does): every recompute runs the adapter its forward ran, also in
+    the first compressed layer, whose input is the same in every forward."""
+    batch = inputs()
+    batch["attention_mask"][1, :3] = 0
+
+    def plugin_gradients(checkpointing: bool) -> dict[str, torch.Tensor]:
+        model = get_peft_model(checkpointable(architecture), VariatorConfig(ratio=2), adapter_name="ratio2")
+        model.add_adapter("ratio4", VariatorConfig(ratio=4))
+        randomize_plugins(model, std=0.2)
+        model.train()
+        if checkpointing:
+            enable_checkpointing(model, use_reentrant)
+        loss = 0
+        for adapter in ("ratio2", "ratio4"):
+            model.set_adapter(adapter)
+            loss = loss + last_hidden(model, batch).pow(2).mean()
+        for name, parameter in model.named_parameters():
+            parameter.requires_grad_("variator_" in name)  # `set_adapter` froze the other adapter
+        loss.backward()
+        return variator_gradients(model)
+
+    expected = plugin_gradients(checkpointing=False)
+    assert {name.split(".")[-2] for name in expected} == {"ratio2", "ratio4"}
+    checkpointed = plugin_gradients(checkpointing=True)
+    assert checkpointed.keys() == expected.keys()
+    for name, gradient in expected.items():
+        torch.testing.assert_close(checkpointed[name], gradient, msg=name)
+
+
+def test_a_recompute_that_cannot_switch_back_to_its_forwards_adapter_raises_instead_of_guessing(monkeypatch):
+    # A model that checkpoints by other means than transformers' function: layers recognise their call by input, but
+    # cannot tell apart forwards of the same batch with two adapters, nor run another adapter than the active one.
+    monkeypatch.setattr(padding, "_replay_checkpoints", lambda model, context: None)
+    model = get_peft_model(checkpointable("llama"), VariatorConfig(ratio=2), adapter_name="ratio2")
+    model.add_adapter("ratio4", VariatorConfig(ratio=4))
+    model.train()
+    enable_checkpointing(model, use_reentrant=False)
+    batch = inputs()
+    loss = 0
+    for adapter in ("ratio2", "ratio4"):
+        model.set_adapter(adapter)
+        loss = loss + last_hidden(model, batch).pow(2).mean()
+    with pytest.raises(RuntimeError, match=r"ran with adapter\(s\) \['ratio2', 'ratio4'\].*'ratio4' is active now"):
+        loss.backward()
 
 
 def checkpointed_llama() -> PeftModel:
@@ -557,7 +634,7 @@ def checkpointed_llama() -> PeftModel:
     return model
 
 
-def test_gradient_checkpointing_after_scoring_the_same_batch_under_inference_mode():
+def test_gradient_checkpointing_after_scoring_the_same_batch_under_inference_mode(checkpointing_means):
     # An RL step scores its batch with the adapter on, then trains on it: the recompute must not take the scoring
     # call, whose layouts are inference tensors that autograd cannot save.
     model = checkpointed_llama()
@@ -568,14 +645,60 @@ def test_gradient_checkpointing_after_scoring_the_same_batch_under_inference_mod
     assert all(p.grad is not None for name, p in model.named_parameters() if "variator_" in name)
 
 
-def test_gradient_checkpointing_after_more_forwards_than_remembered_raises_instead_of_guessing():
-    model = checkpointed_llama()
-    batches = [inputs() for _ in range(17)]
+def differently_padded_batches(count: int) -> list[dict[str, torch.Tensor]]:
+    batches = [inputs() for _ in range(count)]
     for row, batch in enumerate(batches):
         batch["attention_mask"][1, : 1 + row % 5] = 0  # each its own padding
-    loss = sum(model(**batch).logits.logsumexp(-1).sum() for batch in batches)
+    return batches
+
+
+def test_gradient_checkpointing_after_many_forwards_gives_the_gradients_of_running_without_it():
+    batches = differently_padded_batches(17)
+
+    def plugin_gradients(checkpointing: bool) -> dict[str, torch.Tensor]:
+        torch.manual_seed(0)
+        model = checkpointed_llama()
+        if not checkpointing:
+            model.gradient_checkpointing_disable()
+        sum(model(**batch).logits.logsumexp(-1).sum() for batch in batches).backward()
+        return variator_gradients(model)
+
+    expected = plugin_gradients(checkpointing=False)
+    checkpointed = plugin_gradients(checkpointing=True)
+    assert checkpointed.keys() == expected.keys() and expected
+    for name, gradient in expected.items():
+        torch.testing.assert_close(checkpointed[name], gradient, msg=name)
+
+
+def test_checkpointing_by_other_means_after_more_forwards_than_remembered_raises_instead_of_guessing(monkeypatch):
+    monkeypatch.setattr(padding, "_replay_checkpoints", lambda model, context: None)
+    model = checkpointed_llama()
+    loss = sum(model(**batch).logits.logsumexp(-1).sum() for batch in differently_padded_batches(17))
     with pytest.raises(RuntimeError, match="not among the last 16 calls"):
         loss.backward()
+
+
+def test_unload_gives_back_the_models_own_checkpointing_function():
+    model = checkpointed_llama()
+    base = model.get_base_model()
+    own = {
+        name: module._gradient_checkpointing_func
+        for name, module in base.named_modules()
+        if "_gradient_checkpointing_func" in vars(module)
+    }
+    model(**inputs()).logits.sum().backward()
+    wrapped = {
+        name
+        for name, module in base.named_modules()
+        if type(vars(module).get("_gradient_checkpointing_func")).__name__ == "_ReplayingCheckpoint"
+    }
+    assert wrapped == set(own)
+    unloaded = model.unload()
+    assert {
+        name: module._gradient_checkpointing_func
+        for name, module in unloaded.named_modules()
+        if "_gradient_checkpointing_func" in vars(module)
+    } == own
 
 
 def test_a_data_parallel_replica_is_refused_naming_distributed_data_parallel():
