@@ -54,3 +54,14 @@ def test_both_ranks_end_with_identical_trained_plugin_weights(tmp_path, ratios):
         torch.testing.assert_close(rank0[name], rank1[name], rtol=0, atol=0)
     # The decompression up-projection starts at zero: it is nonzero only if training happened.
     assert all(rank0[name].abs().sum() > 0 for name in rank0 if name.endswith("up.weight"))
+
+
+def test_two_ratios_with_gradient_checkpointing_train_to_the_weights_of_training_without_it(tmp_path):
+    launch(tmp_path / "plain", "--ratios", "4", "2")
+    launch(tmp_path / "checkpointed", "--ratios", "4", "2", "--gradient-checkpointing")
+    for rank in (0, 1):
+        plain = load_file(tmp_path / "plain" / f"rank{rank}.safetensors")
+        checkpointed = load_file(tmp_path / "checkpointed" / f"rank{rank}.safetensors")
+        assert set(checkpointed) == set(plain)
+        for name, value in plain.items():
+            torch.testing.assert_close(checkpointed[name], value, msg=name)

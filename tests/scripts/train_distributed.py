@@ -20,6 +20,7 @@ def main() -> None:
     parser = argparse.ArgumentParser()
     parser.add_argument("output_dir")
     parser.add_argument("--ratios", type=int, nargs="+", default=[4])
+    parser.add_argument("--gradient-checkpointing", action="store_true")
     args = parser.parse_args()
 
     torch.manual_seed(0)
@@ -62,6 +63,7 @@ def main() -> None:
         use_cpu=True,
         seed=0,
         disable_tqdm=True,
+        gradient_checkpointing=args.gradient_checkpointing,
     )
     trainer = VariatorTrainer(
         model=model,
@@ -76,6 +78,9 @@ def main() -> None:
     plugins = {name: p.detach().contiguous() for name, p in model.named_parameters() if "variator_" in name}
     save_file(plugins, os.path.join(args.output_dir, f"rank{rank}.safetensors"))
     save_file({"input_ids": first_batch.contiguous()}, os.path.join(args.output_dir, f"batch{rank}.safetensors"))
+    # Both ranks leave the process group together: a rank exiting while the other still tears down gloo can abort.
+    trainer.accelerator.wait_for_everyone()
+    trainer.accelerator.end_training()
 
 
 if __name__ == "__main__":
