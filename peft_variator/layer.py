@@ -297,6 +297,7 @@ class VariatorFFNOutput(VariatorLayer):
 
 
 def offloading_hook(module: nn.Module) -> Any:
-    """accelerate's hook that keeps `module`'s weights offloaded between its forwards, or None."""
+    """accelerate's hook that keeps `module`'s weights offloaded between its forwards, or None. Also found among the
+    hooks of a `SequentialHook` (what accelerate makes of a hook added with `append=True` next to it)."""
     hook = getattr(module, "_hf_hook", None)
-    return hook if getattr(hook, "offload", False) else None
+    return next((inner for inner in getattr(hook, "hooks", (hook,)) if getattr(inner, "offload", False)), None)

@@ -770,11 +770,13 @@ def test_padding_is_still_recorded_after_accelerate_replaces_the_forward():
     torch.testing.assert_close(hidden(model, padded)[0, :7], hidden(model, alone)[0], rtol=0, atol=1e-5)
 
 
+@pytest.mark.parametrize("more_hooks", [False, True])
 @pytest.mark.parametrize("architecture", ["bert", "llama"])
-def test_layers_offloaded_by_a_device_map_run_their_plugins(architecture, tmp_path):
+def test_layers_offloaded_by_a_device_map_run_their_plugins(architecture, more_hooks, tmp_path):
     """Offloaded to disk, each plugin Linear's weights stay on the meta device outside its own forward; BERT's split
-    FFN and Llama's whole one decompress all the same."""
+    FFN and Llama's whole one decompress all the same, also where another hook was added next to the offloading one."""
     from accelerate import dispatch_model
+    from accelerate.hooks import ModelHook, add_hook_to_module
     from transformers import LlamaModel
 
     base = tiny_bert() if architecture == "bert" else LlamaModel(tiny_llama_config()).eval()
@@ -788,6 +790,10 @@ def test_layers_offloaded_by_a_device_map_run_their_plugins(architecture, tmp_pa
     device_map.update({f"{layers}.{i}": "disk" if i == 1 else "cpu" for i in range(len(base.get_submodule(layers)))})
     dispatch_model(base, device_map=device_map, offload_dir=str(tmp_path))
     assert any(parameter.device.type == "meta" for name, parameter in model.named_parameters() if "variator_" in name)
+    if more_hooks:
+        for module in base.modules():
+            if getattr(getattr(module, "_hf_hook", None), "offload", False):
+                add_hook_to_module(module, ModelHook(), append=True)  # makes a SequentialHook of both
     torch.testing.assert_close(hidden(model, batch), expected)
 
 
