@@ -20,7 +20,12 @@ from torch import nn
 from .architectures import ffn_hidden_size, linear_shapes
 from .config import VariatorConfig
 from .padding import PaddingContext
-from .plugin import DecompressionAdapter, GroupLayout, compress, decompress, init_score
+from .plugin import DecompressionAdapter, GroupLayout, compress, decompress, init_score, repeat_groups
+
+try:  # where transformers collects the outputs a call asks for (router logits), from 5.x on
+    from transformers.utils.output_capturing import _active_collector as _OUTPUT_COLLECTOR
+except ImportError:  # pragma: no cover - an older or newer layout: router logits stay per compressed vector
+    _OUTPUT_COLLECTOR = None
 
 # The decompression adapter's three linear maps, in `DecompressionAdapter` field order.
 DECOMPRESSOR_NAMES = ("variator_down_output", "variator_down_token", "variator_up")
@@ -188,13 +193,37 @@ class VariatorFFN(VariatorLayer):
         if layout is None:
             return self.base_layer(hidden, *args, **kwargs)
         compressed = compress(sequences, layout, self.variator_compressor[adapter_name])
+        router_logits = recorded_router_logits()
+        recorded_before = len(router_logits) if router_logits is not None else 0
         ffn_output = self.base_layer(self._flattened_like(compressed, hidden), *args, **kwargs)
+        if router_logits is not None and len(router_logits) > recorded_before:
+            logits_per_token(router_logits, recorded_before, layout, compressed.shape[:2])
         # Some mixture-of-experts blocks (GPT-OSS, Llama 4) also return their router's scores, which their layer
         # discards: handed back as they are, one row per compressed vector.
         ffn_output, *router_outputs = ffn_output if isinstance(ffn_output, tuple) else (ffn_output,)
         grouped = ffn_output.reshape(compressed.shape)
         restored = self._flattened_like(self._decompress(grouped, sequences, layout, adapter_name), hidden)
         return (restored, *router_outputs) if router_outputs else restored
+
+
+@torch.compiler.disable
+def recorded_router_logits() -> list | None:
+    """The list that transformers collects mixture-of-experts router logits in during this forward (asked for with
+    `output_router_logits=True`, which its load-balancing loss reads), or None."""
+    collected = _OUTPUT_COLLECTOR.get() if _OUTPUT_COLLECTOR is not None else None
+    return collected.get("router_logits") if isinstance(collected, dict) else None
+
+
+@torch.compiler.disable
+def logits_per_token(router_logits: list, start: int, layout: GroupLayout, groups: torch.Size) -> None:
+    """Give every token its group's router logits, in the entries from `start` that a compressed FFN's router added:
+    the load-balancing loss lines them up with the call's `(batch, seq_len)` attention mask, as the base model's."""
+    for index in range(start, len(router_logits)):
+        logits = router_logits[index]
+        if not isinstance(logits, torch.Tensor) or logits.shape[: logits.dim() - 1].numel() != groups.numel():
+            continue  # not one row per compressed vector: left as the router gave it
+        per_token = repeat_groups(logits.reshape(*groups, logits.shape[-1]), layout)
+        router_logits[index] = per_token.reshape(-1, logits.shape[-1]) if logits.dim() == 2 else per_token
 
 
 class SplitFFNState(threading.local):

@@ -462,6 +462,32 @@ def test_mixture_of_experts_blocks_are_compressed_whole_and_left_padding_does_no
     assert torch.equal(uncompressed_tokens, reference_tokens) and tokens.shape == reference_tokens.shape
 
 
+@pytest.mark.parametrize("model_type", sorted(MIXTURES_OF_EXPERTS))
+def test_router_logits_come_per_token_so_the_load_balancing_loss_runs_on_padded_batches(model_type):
+    """`output_router_logits=True` (the load-balancing loss reads them against the call's attention mask): each token
+    gets its group's router logits, so they have the base model's shape and a real token's do not depend on
+    padding."""
+    base = mixture_of_experts(model_type)
+    ids = torch.randint(3, 100, (2, 11))
+    mask = torch.ones_like(ids)
+    mask[0, :4] = 0
+    with torch.no_grad():
+        reference = base(input_ids=ids, attention_mask=mask, output_router_logits=True).router_logits
+        model = variator(base, ratio=3)
+        padded = model(input_ids=ids, attention_mask=mask, output_router_logits=True)
+        alone = model(input_ids=ids[:1, 4:], output_router_logits=True)
+    assert [logits.shape for logits in padded.router_logits] == [logits.shape for logits in reference]
+    if getattr(padded, "aux_loss", None) is not None:
+        assert torch.isfinite(padded.aux_loss)
+    grouped = 0
+    for padded_logits, alone_logits in zip(padded.router_logits, alone.router_logits, strict=True):
+        real = padded_logits.reshape(2, 11, -1)[0, 4:]
+        torch.testing.assert_close(real, alone_logits.reshape(7, -1), rtol=0, atol=1e-5)
+        # Groups of 3 real tokens: one router decision each (JetMoE's attention experts route every token).
+        grouped += torch.equal(real[:3], real[:1].expand(3, -1))
+    assert grouped == LAYERS
+
+
 TINY_VISION = CLIPVisionConfig(
     **{key: value for key, value in ENCODER.items() if key != "vocab_size"}, image_size=32, patch_size=8
 )
