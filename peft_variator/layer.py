@@ -99,6 +99,13 @@ class VariatorLayer(nn.Module, BaseTunerLayer):
             )
         return self.padding.plugin_of(self, active[0] if active else None)
 
+    def _run_uncompressed(self, hidden: torch.Tensor, *args: Any, **kwargs: Any) -> torch.Tensor:
+        """The base FFN on `hidden` as it is. In training, the forward is noted all the same: a recompute of gradient
+        checkpointing must not run a plugin where its forward ran none (`PaddingContext.call_of`)."""
+        if self.training:
+            self.padding.call_of(self, hidden)
+        return self.base_layer(hidden, *args, **kwargs)
+
     def _init_decompressor(self) -> None:
         for name in DECOMPRESSOR_NAMES:
             setattr(self, name, nn.ModuleDict())
@@ -188,7 +195,7 @@ class VariatorFFN(VariatorLayer):
     def forward(self, hidden: torch.Tensor, *args: Any, **kwargs: Any) -> torch.Tensor:
         adapter_name = self.active_plugin()
         if adapter_name is None:
-            return self.base_layer(hidden, *args, **kwargs)
+            return self._run_uncompressed(hidden, *args, **kwargs)
         sequences, layout = self._plan(hidden, adapter_name)
         if layout is None:
             return self.base_layer(hidden, *args, **kwargs)
@@ -283,7 +290,10 @@ class VariatorFFNInput(VariatorLayer):
 
     def forward(self, hidden: torch.Tensor, *args: Any, **kwargs: Any) -> torch.Tensor:
         adapter_name = self.active_plugin()
-        sequences, layout = (None, None) if adapter_name is None else self._plan(hidden, adapter_name)
+        if adapter_name is None:
+            self.state.put(None, None)
+            return self._run_uncompressed(hidden, *args, **kwargs)
+        sequences, layout = self._plan(hidden, adapter_name)
         if layout is None:
             self.state.put(None, None)
             return self.base_layer(hidden, *args, **kwargs)

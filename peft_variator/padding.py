@@ -55,8 +55,8 @@ class _Recorded:
         logits_kept: how many of each sequence's last positions the caller reads logits of (`logits_to_keep`, which
             `generate()` sets: 1 per step, and the candidates + 1 in assisted or prompt-lookup decoding); 0 for all
             or unknown.
-        checkpointing: the model ran in training mode with gradient checkpointing on, so backward may recompute its
-            layers after other calls were recorded (`PaddingContext.call_of`).
+        checkpointing: the model ran in training mode, with gradients and gradient checkpointing on, so backward may
+            recompute its layers after other calls were recorded (`PaddingContext.call_of`).
         depth: how many entry points' calls were running when this call was recorded (0 for the outermost).
         outer: the record this one replaced while nested in a running call, restored when this call returns (a
             vision tower's record gives way to the text's again).
@@ -100,7 +100,7 @@ class PaddingContext:
     def __init__(self) -> None:
         self._local = threading.local()
         self._latest = _Recorded()
-        # Per layer, `(input shape, input fingerprint, call)` of its latest forwards in training mode.
+        # Per layer, its latest forwards in training calls with checkpointing on (`call_of`).
         self._training_calls: weakref.WeakKeyDictionary[nn.Module, deque] = weakref.WeakKeyDictionary()
         # Set by VariatorTrainer while it distills a causal LM: so many of each sequence's last tokens run exact, as
         # the last prompt token and the generated tokens do at inference. For every thread (checkpointed layers are
@@ -172,6 +172,8 @@ class PaddingContext:
             ):
                 attention_mask = current.mask
                 if batch_size is None or batch_size == current.batch_size:
+                    # The same call; checkpointing may only show at this level (a user's module around the model).
+                    current.checkpointing = checkpointing
                     return
         outer = None
         if nested:
@@ -232,9 +234,11 @@ class PaddingContext:
         (`_ReplayingCheckpoint`). Models that checkpoint by other means (a few call `torch.utils.checkpoint` directly)
         are recognised by input: a recompute sees the same input as the forward it repeats, so each training forward
         notes its input's shape and a fingerprint of its values, and the recompute takes the call whose input matches.
-        Noted only for calls of a model in training mode with checkpointing on, whatever autograd's state (reentrant
-        checkpointing runs the original forward without gradients), and never under inference mode, whose calls no
-        backward can reach."""
+        Noted only for calls of a model in training mode with gradients and checkpointing on (`_Recorded`), whatever
+        autograd's state inside the layer (reentrant checkpointing runs the original forward without gradients), and
+        never under inference mode, whose calls no backward can reach; forwards that ran no plugin too, so that their
+        recompute runs none either. A recompute that cannot tell whether its forward ran the adapter active now raises
+        instead of guessing."""
         replaying = getattr(self._local, "replaying", None)
         if replaying is not None:
             return replaying
@@ -243,42 +247,43 @@ class PaddingContext:
             return current
         if not _in_backward():
             if current.checkpointing:
-                calls = self._training_calls.setdefault(layer, deque(maxlen=_REMEMBERED_CALLS))
-                calls.append((hidden.shape, _fingerprint(hidden), current))
+                noted = self._training_calls.setdefault(layer, deque(maxlen=_REMEMBERED_CALLS))
+                noted.append(_NotedForward(hidden.shape, _fingerprint(hidden), current, adapter))
             return current
-        calls = self._training_calls.get(layer)
-        if not calls:
+        noted = self._training_calls.get(layer)
+        if not noted:
             return current
         fingerprint = _fingerprint(hidden)
-        # Recomputed on the same device from the same inputs: the forward's values, up to rounding at most. Of equal
-        # ones (the same batch run twice), the latest.
-        best, best_distance = None, None
-        for shape, noted, call in reversed(calls):
-            if shape == hidden.shape:
-                distance = float((noted - fingerprint).abs().max())
-                if best_distance is None or distance < best_distance:
-                    best, best_distance = call, distance
+        # Recomputed on the same device from the same inputs: the forward's values, up to rounding at most.
         tolerance = 1e-3 * (float(fingerprint.abs().max()) + 1e-6)
-        if best is None or best_distance > tolerance:
+        matches = [
+            (distance, forward)
+            for forward in reversed(noted)
+            if forward.shape == hidden.shape
+            and (distance := float((forward.fingerprint - fingerprint).abs().max())) <= tolerance
+        ]
+        # Each forward is recomputed once per backward: those already recomputed (by an earlier backward, whose graph
+        # is gone) only count for a second backward of the same graph (`retain_graph=True`).
+        pending = [match for match in matches if not match[1].recomputed] or matches
+        if not pending:
             raise RuntimeError(
                 "Gradient checkpointing recomputed a Variator layer whose forward is not among the last "
                 f"{_REMEMBERED_CALLS} calls of the model in training mode, so its grouping is unknown. Run backward "
                 f"after at most {_REMEMBERED_CALLS} forwards, or turn gradient checkpointing off."
             )
-        # The layer runs the adapter active now: wrong if a matching forward ran another one.
-        ran = {
-            call.plugins.get(layer, adapter)
-            for shape, noted, call in calls
-            if shape == hidden.shape and float((noted - fingerprint).abs().max()) <= tolerance
-        }
+        # The layer runs the adapter active now (or none): wrong if the forward it repeats may have run another one.
+        ran = {forward.adapter for _, forward in pending}
         if ran != {adapter}:
             raise RuntimeError(
-                f"Gradient checkpointing recomputed a Variator layer that ran with adapter(s) {sorted(map(str, ran))} "
-                f"in its forward, but {adapter!r} is active now, and this model checkpoints its layers by other means "
-                "than transformers' `gradient_checkpointing_enable()`, so the recompute cannot switch back. Run "
-                "backward before switching adapters, or turn gradient checkpointing off."
+                f"Gradient checkpointing recomputed a Variator layer whose forward ran {_adapters(ran)}, but it would "
+                f"now run {_adapters({adapter})}: this model checkpoints its layers by other means than the function "
+                "that transformers' `gradient_checkpointing_enable()` gives them, so the recompute cannot switch "
+                "back. Run backward before switching or disabling adapters, or turn gradient checkpointing off."
             )
-        return best
+        # Of equal ones (the same batch run twice), the latest.
+        forward = min(pending, key=lambda match: match[0])[1]
+        forward.recomputed = True
+        return forward.call
 
     def layout(
         self,
@@ -378,6 +383,22 @@ class PaddingContext:
             )
         # With a KV cache the mask also covers earlier tokens; the hidden states are the newest ones.
         return mask[:, mask.shape[1] - seq_len :]
+
+
+class _NotedForward:
+    """A layer's forward in a checkpointing model's training call, for its recompute to be recognised by input."""
+
+    def __init__(self, shape: torch.Size, fingerprint: torch.Tensor, call: _Recorded, adapter: str | None) -> None:
+        self.shape = shape
+        self.fingerprint = fingerprint
+        self.call = call
+        self.adapter = adapter
+        self.recomputed = False
+
+
+def _adapters(names: set[str | None]) -> str:
+    described = [f"adapter {name!r}" for name in sorted(name for name in names if name is not None)]
+    return " or ".join(described + (["no adapter"] if None in names else []))
 
 
 def _in_backward() -> bool:
@@ -581,8 +602,17 @@ def _record(module: nn.Module, args: tuple, kwargs: dict) -> None:
         frames = torch.arange(len(frame_patches), device=grid_thw.device)
         sequence_index, batch_size = torch.repeat_interleave(frames, frame_patches)[None], 1
     takes_mask = "attention_mask" in positions
-    # Read once per outermost call, in training only: the flag walks the model's modules.
-    checkpointing = module.training and context._calls_running() == 0 and is_checkpointing(module)
+    # In training only, and not again inside a call already checkpointing: the flag walks the model's modules. Nested
+    # models are asked too, as the outermost module may be a user's own, holding the transformers model.
+    running = context._calls_running() > 0 and getattr(context._local, "recorded", None)
+    # A call without gradients (a teacher's, an evaluation's) is never recomputed: reentrant checkpointing turns them
+    # off only inside the checkpointed blocks, after this record.
+    checkpointing = (
+        module.training
+        and torch.is_grad_enabled()
+        and not (running and running.checkpointing)
+        and is_checkpointing(module)
+    )
     if checkpointing:
         _replay_checkpoints(module, context)
     context.record(

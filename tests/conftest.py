@@ -9,6 +9,7 @@ import pytest
 import torch
 
 import peft_variator  # noqa: F401  (registers the method with PEFT)
+from peft_variator import padding
 
 
 def package_dir(name: str) -> str:
@@ -49,3 +50,13 @@ def randomize_plugins(model: torch.nn.Module, std: float = 0.05) -> None:
         for name, parameter in model.named_parameters():
             if "variator_" in name:
                 parameter.normal_(0.0, std)
+
+
+@pytest.fixture(params=["transformers", "direct"])
+def checkpointing_means(request, monkeypatch) -> str:
+    """How the model checkpoints its layers: through transformers' checkpointing function, which Variator wraps so a
+    recompute runs in the call it repeats, or by other means it cannot see (a few models call
+    `torch.utils.checkpoint` directly), where each layer recognises its call by its input."""
+    if request.param == "direct":
+        monkeypatch.setattr(padding, "_replay_checkpoints", lambda model, context: None)
+    return request.param

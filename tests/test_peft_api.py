@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import os
+from collections.abc import Callable
 
 import pytest
 import torch
@@ -514,16 +515,6 @@ def test_a_pickled_model_loads_with_the_same_outputs(tmp_path):
     torch.testing.assert_close(hidden(restored, other), hidden(model, other), rtol=0, atol=0)
 
 
-@pytest.fixture(params=["transformers", "direct"])
-def checkpointing_means(request, monkeypatch) -> str:
-    """How the model checkpoints its layers: through transformers' checkpointing function, which Variator wraps so a
-    recompute runs in the call it repeats, or by other means it cannot see (a few models call
-    `torch.utils.checkpoint` directly), where each layer recognises its call by its input."""
-    if request.param == "direct":
-        monkeypatch.setattr(padding, "_replay_checkpoints", lambda model, context: None)
-    return request.param
-
-
 def checkpointable(architecture: str) -> torch.nn.Module:
     torch.manual_seed(0)
     if architecture == "bert":
@@ -542,6 +533,19 @@ def enable_checkpointing(model: PeftModel, use_reentrant: bool) -> None:
 
 def variator_gradients(model: PeftModel) -> dict[str, torch.Tensor]:
     return {name: p.grad for name, p in model.named_parameters() if "variator_" in name and p.grad is not None}
+
+
+def assert_checkpointing_changes_no_gradient(
+    plugin_gradients: Callable[[bool], dict[str, torch.Tensor]],
+) -> dict[str, torch.Tensor]:
+    """`plugin_gradients(checkpointing)` gives the same plugin gradients with gradient checkpointing as without;
+    returns them."""
+    expected = plugin_gradients(False)
+    checkpointed = plugin_gradients(True)
+    assert expected and checkpointed.keys() == expected.keys()
+    for name, gradient in expected.items():
+        torch.testing.assert_close(checkpointed[name], gradient, msg=name)
+    return expected
 
 
 @pytest.mark.parametrize("use_reentrant", [False, True])
@@ -566,12 +570,31 @@ def test_gradient_checkpointing_after_two_forwards_gives_the_gradients_of_runnin
         (first[:, 0] * second[:, 0]).sum().backward()
         return variator_gradients(model)
 
-    expected = plugin_gradients(checkpointing=False)
+    expected = assert_checkpointing_changes_no_gradient(plugin_gradients)
     assert all(gradient.abs().sum() > 0 for gradient in expected.values())
-    checkpointed = plugin_gradients(checkpointing=True)
-    assert checkpointed.keys() == expected.keys()
-    for name, gradient in expected.items():
-        torch.testing.assert_close(checkpointed[name], gradient, msg=name)
+
+
+def several_adapters(architecture: str, ratio4_layers: tuple[int, ...] | None = (1,)) -> PeftModel:
+    """Ratio 2 on every layer, ratio 4 on `ratio4_layers` (None: every layer)."""
+    model = get_peft_model(checkpointable(architecture), VariatorConfig(ratio=2), adapter_name="ratio2")
+    model.add_adapter("ratio4", VariatorConfig(ratio=4, layers_to_transform=ratio4_layers and list(ratio4_layers)))
+    randomize_plugins(model, std=0.2)
+    return model.train()
+
+
+def forwards_with_adapters(model: PeftModel, batch: dict[str, torch.Tensor], adapters: list[str | None]):
+    """The summed losses of one forward per adapter (None: with adapters disabled), every plugin left trainable."""
+    loss = 0
+    for adapter in adapters:
+        if adapter is None:
+            with model.disable_adapter():
+                loss = loss + last_hidden(model, batch).pow(2).mean()
+        else:
+            model.set_adapter(adapter)
+            loss = loss + last_hidden(model, batch).pow(2).mean()
+    for name, parameter in model.named_parameters():
+        parameter.requires_grad_("variator_" in name)  # `set_adapter` froze the other adapter
+    return loss
 
 
 @pytest.mark.parametrize("use_reentrant", [False, True])
@@ -580,50 +603,91 @@ def test_gradient_checkpointing_after_forwards_with_several_adapters_gives_the_g
     architecture, use_reentrant
 ):
     """Plugins of several ratios trained on one batch, each through its own forward, then one backward of the summed
-    losses (what VariatorTrainer's `ratios_adapters` does): every recompute runs the adapter its forward ran, also in
-    the first compressed layer, whose input is the same in every forward."""
+    losses (what VariatorTrainer's `ratios_adapters` does), with a forward of the base model among them: every
+    recompute runs the adapter its forward ran (or none), also in the first layer, whose input is the same in every
+    forward, and in layers that one of the adapters leaves uncompressed."""
     batch = inputs()
     batch["attention_mask"][1, :3] = 0
 
     def plugin_gradients(checkpointing: bool) -> dict[str, torch.Tensor]:
-        model = get_peft_model(checkpointable(architecture), VariatorConfig(ratio=2), adapter_name="ratio2")
-        model.add_adapter("ratio4", VariatorConfig(ratio=4))
+        model = several_adapters(architecture)
+        if checkpointing:
+            enable_checkpointing(model, use_reentrant)
+        forwards_with_adapters(model, batch, ["ratio2", None, "ratio4"]).backward()
+        return variator_gradients(model)
+
+    expected = assert_checkpointing_changes_no_gradient(plugin_gradients)
+    assert {name.split(".")[-2] for name in expected} == {"ratio2", "ratio4"}
+
+
+@pytest.mark.parametrize("use_reentrant", [False, True])
+@pytest.mark.parametrize(
+    ("adapters", "message"),
+    [
+        # The first layer's input is the same in both forwards; ratio 4 leaves that layer uncompressed.
+        (["ratio2", "ratio4"], "forward ran adapter 'ratio2' or no adapter, but it would now run no adapter"),
+        # The second layer's input is the same in both forwards: ratio 4 compresses only that layer.
+        ([None, "ratio4"], "forward ran adapter 'ratio4' or no adapter, but it would now run adapter 'ratio4'"),
+    ],
+)
+def test_a_recompute_that_cannot_switch_back_to_its_forwards_adapter_raises_instead_of_guessing(
+    monkeypatch, adapters, message, use_reentrant
+):
+    # A model that checkpoints by other means than transformers' function: layers recognise their call by input, but
+    # cannot tell apart forwards of the same batch with two adapters (or none), nor run another adapter than the
+    # active one.
+    monkeypatch.setattr(padding, "_replay_checkpoints", lambda model, context: None)
+    model = several_adapters("llama")
+    enable_checkpointing(model, use_reentrant)
+    loss = forwards_with_adapters(model, inputs(), adapters)
+    with pytest.raises(RuntimeError, match=message):
+        loss.backward()
+
+
+def test_checkpointing_by_other_means_runs_each_adapter_whose_backward_ran_before_the_next(monkeypatch):
+    # The forwards of an earlier step, already recomputed, do not make a later recompute ambiguous.
+    monkeypatch.setattr(padding, "_replay_checkpoints", lambda model, context: None)
+    batch = inputs()
+
+    def plugin_gradients(checkpointing: bool) -> dict[str, torch.Tensor]:
+        model = several_adapters("llama", ratio4_layers=None)
+        if checkpointing:
+            enable_checkpointing(model, use_reentrant=True)
+        for adapter in ("ratio2", "ratio4", "ratio2"):
+            forwards_with_adapters(model, batch, [adapter]).backward()
+        return variator_gradients(model)
+
+    assert_checkpointing_changes_no_gradient(plugin_gradients)
+
+
+class SentenceEncoder(torch.nn.Module):
+    """A user's own module around a transformers model: the last token's hidden state."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.model = checkpointable("llama").model
+
+    def forward(self, input_ids: torch.Tensor, attention_mask: torch.Tensor) -> torch.Tensor:
+        return self.model(input_ids=input_ids, attention_mask=attention_mask).last_hidden_state[:, -1]
+
+
+@pytest.mark.parametrize("use_reentrant", [False, True])
+def test_gradient_checkpointing_inside_a_users_module_gives_the_gradients_of_running_without_it(use_reentrant):
+    # The outermost call is the user's module, which knows nothing of checkpointing; the model inside it does.
+    anchors, positives = inputs(), inputs(seq_len=8)
+    positives["attention_mask"][0, :3] = 0
+
+    def plugin_gradients(checkpointing: bool) -> dict[str, torch.Tensor]:
+        model = get_peft_model(SentenceEncoder(), VariatorConfig(ratio=4, target_modules=["mlp"]))
         randomize_plugins(model, std=0.2)
         model.train()
         if checkpointing:
-            enable_checkpointing(model, use_reentrant)
-        loss = 0
-        for adapter in ("ratio2", "ratio4"):
-            model.set_adapter(adapter)
-            loss = loss + last_hidden(model, batch).pow(2).mean()
-        for name, parameter in model.named_parameters():
-            parameter.requires_grad_("variator_" in name)  # `set_adapter` froze the other adapter
-        loss.backward()
+            model.base_model.model.model.gradient_checkpointing_enable({"use_reentrant": use_reentrant})
+            model.base_model.model.model.enable_input_require_grads()
+        (model(**anchors) * model(**positives)).sum().backward()
         return variator_gradients(model)
 
-    expected = plugin_gradients(checkpointing=False)
-    assert {name.split(".")[-2] for name in expected} == {"ratio2", "ratio4"}
-    checkpointed = plugin_gradients(checkpointing=True)
-    assert checkpointed.keys() == expected.keys()
-    for name, gradient in expected.items():
-        torch.testing.assert_close(checkpointed[name], gradient, msg=name)
-
-
-def test_a_recompute_that_cannot_switch_back_to_its_forwards_adapter_raises_instead_of_guessing(monkeypatch):
-    # A model that checkpoints by other means than transformers' function: layers recognise their call by input, but
-    # cannot tell apart forwards of the same batch with two adapters, nor run another adapter than the active one.
-    monkeypatch.setattr(padding, "_replay_checkpoints", lambda model, context: None)
-    model = get_peft_model(checkpointable("llama"), VariatorConfig(ratio=2), adapter_name="ratio2")
-    model.add_adapter("ratio4", VariatorConfig(ratio=4))
-    model.train()
-    enable_checkpointing(model, use_reentrant=False)
-    batch = inputs()
-    loss = 0
-    for adapter in ("ratio2", "ratio4"):
-        model.set_adapter(adapter)
-        loss = loss + last_hidden(model, batch).pow(2).mean()
-    with pytest.raises(RuntimeError, match=r"ran with adapter\(s\) \['ratio2', 'ratio4'\].*'ratio4' is active now"):
-        loss.backward()
+    assert_checkpointing_changes_no_gradient(plugin_gradients)
 
 
 def checkpointed_llama() -> PeftModel:
@@ -663,11 +727,7 @@ def test_gradient_checkpointing_after_many_forwards_gives_the_gradients_of_runni
         sum(model(**batch).logits.logsumexp(-1).sum() for batch in batches).backward()
         return variator_gradients(model)
 
-    expected = plugin_gradients(checkpointing=False)
-    checkpointed = plugin_gradients(checkpointing=True)
-    assert checkpointed.keys() == expected.keys() and expected
-    for name, gradient in expected.items():
-        torch.testing.assert_close(checkpointed[name], gradient, msg=name)
+    assert_checkpointing_changes_no_gradient(plugin_gradients)
 
 
 def test_checkpointing_by_other_means_after_more_forwards_than_remembered_raises_instead_of_guessing(monkeypatch):
