@@ -97,7 +97,9 @@ class VariatorLayer(nn.Module, BaseTunerLayer):
                 f"Variator runs exactly one adapter at a time, but {active} are active. "
                 "Call `set_adapter` with a single adapter name."
             )
-        return self.padding.plugin_of(self, active[0] if active else None)
+        plugin = active[0] if active else None
+        # Only training runs are checkpointed; inference skips the lookup (and its `torch.compile` graph break).
+        return self.padding.plugin_of(self, plugin) if self.training else plugin
 
     def _run_uncompressed(self, hidden: torch.Tensor, *args: Any, **kwargs: Any) -> torch.Tensor:
         """The base FFN on `hidden` as it is. In training, the forward is noted all the same: a recompute of gradient
