@@ -17,7 +17,7 @@ import torch
 from peft.tuners.tuners_utils import BaseTunerLayer
 from torch import nn
 
-from .architectures import ffn_hidden_size, linear_shapes
+from .architectures import ffn_hidden_size, linear_shapes, routed_experts_hidden_size
 from .config import VariatorConfig
 from .padding import PaddingContext
 from .plugin import DecompressionAdapter, GroupLayout, compress, decompress, init_score, repeat_groups
@@ -185,6 +185,8 @@ class VariatorFFN(VariatorLayer):
         self, base_layer: nn.Module, adapter_name: str, config: VariatorConfig, padding: PaddingContext
     ) -> None:
         super().__init__(base_layer, padding, ffn_hidden_size(base_layer))
+        # A mixture-of-experts block, whose router's logits transformers may collect for its load-balancing loss.
+        self.routes_tokens = routed_experts_hidden_size(base_layer) is not None
         self.variator_compressor = nn.ModuleDict()
         self._init_decompressor()
         self._active_adapter = adapter_name
@@ -202,7 +204,7 @@ class VariatorFFN(VariatorLayer):
         if layout is None:
             return self.base_layer(hidden, *args, **kwargs)
         compressed = compress(sequences, layout, self.variator_compressor[adapter_name])
-        router_logits = recorded_router_logits()
+        router_logits = recorded_router_logits() if self.routes_tokens else None
         recorded_before = len(router_logits) if router_logits is not None else 0
         ffn_output = self.base_layer(self._flattened_like(compressed, hidden), *args, **kwargs)
         if router_logits is not None and len(router_logits) > recorded_before:
