@@ -79,6 +79,11 @@ def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
         "--logits-weight", type=at_least(0.0, float), default=0.0, help="Weight of the teacher/student logits KL."
     )
     parser.add_argument("--output-dir", default="plugins/adapted", help="Where the adapted plugins (one per name) go.")
+    parser.add_argument(
+        "--gradient-checkpointing",
+        action="store_true",
+        help="Recompute activations in backward instead of keeping them (less memory; several ratios too).",
+    )
     return parser.parse_args(argv)
 
 
@@ -177,6 +182,7 @@ def main() -> None:
             logging_steps=10,
             save_strategy="no",
             report_to=[],
+            gradient_checkpointing=args.gradient_checkpointing,
             use_cpu=torch.accelerator.current_accelerator() is None,  # as above
         ),
         task_weight=args.task_weight,

@@ -98,6 +98,11 @@ def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
     )
     parser.add_argument("--output-dir", default="plugins/pretrained", help="Where the adapters (ratio<k>/) go.")
     parser.add_argument("--bf16", action="store_true", help="Mixed precision (plugin weights stay float32).")
+    parser.add_argument(
+        "--gradient-checkpointing",
+        action="store_true",
+        help="Recompute activations in backward instead of keeping them (less memory; several ratios too).",
+    )
     return parser.parse_args(argv)
 
 
@@ -150,6 +155,7 @@ def main() -> None:
             save_strategy="no",
             report_to=[],
             bf16=args.bf16,
+            gradient_checkpointing=args.gradient_checkpointing,
             # Without GPUs, the processes of `torchrun` / `accelerate launch --multi_gpu` form one DDP group over gloo
             # only with `use_cpu`: otherwise each trains alone (world size 1), and `--bf16` is refused.
             use_cpu=torch.accelerator.current_accelerator() is None,

@@ -42,7 +42,8 @@ def plugin_weights(directory) -> dict[str, torch.Tensor]:
 def test_pretrained_plugins_are_adapted_to_a_fine_tuned_model(tmp_path):
     pretrained = tmp_path / "pretrained"
     layers = ["1", "2", "3", "4", "5"]  # all-MiniLM-L6-v2's first layer left out, as advised for decoder LLMs
-    stage1 = ["--ratios", "4", "8", "--layers", *layers, "--max-examples", "16", *TINY]
+    # Two ratios trained together, with gradient checkpointing.
+    stage1 = ["--ratios", "4", "8", "--layers", *layers, "--max-examples", "16", "--gradient-checkpointing", *TINY]
     run_example("pretrain_plugins.py", *stage1, "--output-dir", str(pretrained))
     for ratio in (4, 8):
         weights = plugin_weights(pretrained / f"ratio{ratio}")
