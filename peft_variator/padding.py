@@ -216,12 +216,12 @@ class PaddingContext:
         """The adapter whose plugin `layer` runs (None: none): `active`, the one active now, except when gradient
         checkpointing recomputes the layer during backward, which runs the one its forward ran, whatever was activated
         since (`VariatorTrainer`'s students each run another adapter before one backward of their summed losses)."""
-        replaying = getattr(self._local, "replaying", None)
         if not _in_backward():
-            call = replaying or getattr(self._local, "recorded", None) or self._latest
+            call = self.current_call()
             if call.checkpointing and layer.training:
                 call.plugins[layer] = active
             return active
+        replaying = getattr(self._local, "replaying", None)
         return active if replaying is None else replaying.plugins.get(layer, active)
 
     @torch.compiler.disable
