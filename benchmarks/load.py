@@ -1,4 +1,4 @@
-"""Open-loop load test of examples/serve.py: fixed uncompressed vs fixed ratio 4 vs the ratio scheduler.
+"""Open-loop load test of examples/serve.py: fixed uncompressed vs fixed ratio 4 and 8 vs the ratio scheduler.
 
 For each mode the server is started on 127.0.0.1 (loopback only) in its own process, and `/embed` is driven by a
 Poisson arrival process that does not wait for answers (open loop, as real clients do): light load, then a burst at

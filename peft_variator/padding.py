@@ -378,8 +378,8 @@ class PaddingContext:
                 f"A Variator layer received {seq_len} tokens per sequence, but the model was called with "
                 f"{mask.shape[1]} and no KV cache: the architecture shortens the sequence before this layer (Funnel's "
                 "pooling; a speech model whose mask counts audio samples), so the layer cannot tell which of its "
-                "tokens are padding. Run unpadded batches, or target only layers that see the whole sequence "
-                "(`layers_to_transform`)."
+                "tokens are padding. Call the model without an `attention_mask` (unpadded batches), or target only "
+                "layers that see the whole sequence (`layers_to_transform`)."
             )
         # With a KV cache the mask also covers earlier tokens; the hidden states are the newest ones.
         return mask[:, mask.shape[1] - seq_len :]
