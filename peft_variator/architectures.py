@@ -317,7 +317,10 @@ def find_ffns(model: nn.Module, hidden_size: int, within: nn.Module | None = Non
         elif _is_whole_ffn(module, hidden_size):
             if any(_is_whole_ffn(child, hidden_size) for child in _unwrapped(module).children()):
                 continue
-            if more_than_an_ffn(module, hidden_size) is None:
+            if _is_bottleneck(linear_shapes(module), hidden_size):
+                passed_over.append(name)
+                logger.info("Variator leaves %s uncompressed: a bottleneck, narrower than an FFN.", name)
+            elif more_than_an_ffn(module, hidden_size) is None:
                 found.append(name)
             else:
                 linears = _leaf_linears(module)
@@ -331,10 +334,32 @@ def find_ffns(model: nn.Module, hidden_size: int, within: nn.Module | None = Non
                 if len(linears) == 1:
                     leaf, shape = linears[0]
                     singles.append((f"{child_name}.{leaf}" if leaf else child_name, shape))
-            found.extend(f"{name}.{half}" for half in _ffn_pair(singles, hidden_size))
+            halves = _ffn_pair(singles, hidden_size)
+            shapes = [shape for single, shape in singles if single in halves]
+            if halves and not _is_bottleneck(shapes, hidden_size) and not _holds_an_ffn(module, hidden_size):
+                found.extend(f"{name}.{half}" for half in halves)
     if found:
         logger.info("Variator found %d FFNs by structure: %s", len(found), ", ".join(found))
     return found
+
+
+def _is_bottleneck(shapes: list[tuple[int, int]], hidden_size: int | None) -> bool:
+    """Whether linears of these shapes map hidden -> r -> hidden through a width r under a quarter of the hidden size:
+    an adapter or a low-rank map (Gemma 3n's LAUREL, an adaptive norm's conditioning MLP), whose plugin would cost more
+    than it saves, not an FFN, which widens (or, in a mixture of experts, narrows by far less)."""
+    widths = [out for inp, out in shapes if inp == hidden_size] + [inp for inp, out in shapes if out == hidden_size]
+    return hidden_size is not None and bool(widths) and 4 * max(widths) < hidden_size
+
+
+def _holds_an_ffn(module: nn.Module, hidden_size: int | None) -> bool:
+    """Whether a module below `module` is a whole FFN or a mixture-of-experts block. A layer that has one has its FFN:
+    a pair of single linears hidden -> I -> hidden beside it is something else (Gemma 3n / Gemma 4 gate a per-token
+    input between their `per_layer_input_gate` and `per_layer_projection`)."""
+    return any(
+        _is_whole_ffn(descendant, hidden_size) or routed_experts_hidden_size(descendant) == hidden_size
+        for _, descendant in base_named_modules(module)
+        if descendant is not module
+    )
 
 
 def _leaf_linears(module: nn.Module) -> list[tuple[str, tuple[int, int]]]:

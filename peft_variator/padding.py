@@ -369,9 +369,11 @@ class PaddingContext:
             raise ValueError(
                 f"The recorded attention_mask has shape {tuple(mask.shape)} but a Variator layer received hidden "
                 f"states for batch {batch_size} x {seq_len} tokens. Call the model (not an inner layer) with the "
-                "attention_mask of this batch. If the model lengthens the sequence itself (Longformer pads it to a "
-                "multiple of `config.attention_window`), pad the input to that length first "
-                "(`tokenizer(..., padding=True, pad_to_multiple_of=...)`)."
+                "attention_mask of this batch. If the model lengthens the sequence itself: where it pads it to a "
+                "multiple (Longformer, of `config.attention_window`), pad the input to that length first "
+                "(`tokenizer(..., padding=True, pad_to_multiple_of=...)`); where it adds tokens of its own (CPM-Ant's "
+                "prompt tokens, ProphetNet's n-gram streams), its layers cannot be grouped by the mask and the "
+                "architecture is not supported."
             )
         if mask.shape[1] > seq_len and not recorded.continues_cache:
             raise ValueError(

@@ -406,6 +406,48 @@ def test_ffns_of_other_shapes_are_found_by_structure_and_real_tokens_ignore_padd
     torch.testing.assert_close(padded[key][0, real], alone[key][0], rtol=0, atol=1e-5)
 
 
+# Decoder layers holding more than their FFN that is shaped hidden -> r -> hidden: Gemma 3n's LAUREL block (a low-rank
+# residual, r = `laurel_rank`) and the per-layer-input gate and projection of Gemma 3n and Gemma 4, which multiply in a
+# per-token input between them.
+BESIDE_THE_FFN = dict(
+    DECODER, head_dim=8, sliding_window=16, layer_types=["sliding_attention", "full_attention"], num_kv_shared_layers=0
+)
+GEMMA_PER_LAYER_INPUTS = {
+    "gemma3n_text": dict(
+        BESIDE_THE_FFN,
+        vocab_size_per_layer_input=100,
+        hidden_size_per_layer_input=16,
+        laurel_rank=4,
+        altup_num_inputs=2,
+        activation_sparsity_pattern=[0.0] * LAYERS,
+    ),
+    "gemma4_text": dict(
+        BESIDE_THE_FFN, vocab_size_per_layer_input=100, hidden_size_per_layer_input=16, global_head_dim=8
+    ),
+}
+
+
+@pytest.mark.parametrize("model_type", sorted(GEMMA_PER_LAYER_INPUTS))
+def test_only_the_ffn_is_found_beside_low_rank_blocks_and_per_token_gates(model_type):
+    config = AutoConfig.for_model(model_type, **GEMMA_PER_LAYER_INPUTS[model_type])
+    base = AutoModelForCausalLM.from_config(config).eval()
+    ids = torch.randint(3, 100, (2, 11))
+    mask = torch.ones_like(ids)
+    mask[0, :4] = 0
+    with torch.no_grad():
+        reference = base(input_ids=ids, attention_mask=mask).logits
+    model = variator(base, ratio=3)
+    assert wrapped(model) == {f"base_model.model.model.layers.{i}.mlp": VariatorFFN for i in range(LAYERS)}
+    with torch.no_grad():
+        padded = model(input_ids=ids, attention_mask=mask).logits
+        alone = model(input_ids=ids[:1, 4:]).logits
+        with model.disable_adapter():
+            uncompressed = model(input_ids=ids, attention_mask=mask).logits
+    torch.testing.assert_close(padded[0, 4:], alone[0], rtol=0, atol=1e-5)
+    assert not torch.allclose(padded, reference)
+    torch.testing.assert_close(uncompressed, reference)
+
+
 # Mixture-of-experts blocks, whose routed experts transformers stacks into 3-D weights: Mixtral (router + experts),
 # Qwen2-MoE (and a shared expert with its own gate), GPT-OSS (per-expert biases; the block also returns its router
 # scores), JetMoE (experts inside attention too, which are not an FFN); DBRX lays all experts' matrices end to end in
