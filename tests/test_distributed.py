@@ -8,11 +8,11 @@ starts the two processes through torchrun, and the script's `use_cpu=True` makes
 from __future__ import annotations
 
 import os
-import subprocess
 import sys
 
 import pytest
 import torch
+from conftest import free_port, run_processes
 from safetensors.torch import load_file
 
 SCRIPT = os.path.join(os.path.dirname(__file__), "scripts", "train_distributed.py")
@@ -32,12 +32,14 @@ def launch(output_dir, *script_args: str) -> None:
         "no",
         "--dynamo_backend",
         "no",
+        "--main_process_port",
+        str(free_port()),
         SCRIPT,
         str(output_dir),
         *script_args,
     ]
     env = {**os.environ, "CUDA_VISIBLE_DEVICES": "", "OMP_NUM_THREADS": "1"}
-    result = subprocess.run(command, capture_output=True, text=True, timeout=180, env=env)
+    result = run_processes(command, env, timeout=180)
     assert result.returncode == 0, result.stderr[-3000:]
 
 

@@ -6,11 +6,11 @@ from __future__ import annotations
 import importlib
 import os
 import re
-import subprocess
 import sys
 
 import pytest
 import torch
+from conftest import free_port, run_processes
 from safetensors.torch import load_file
 
 EXAMPLES = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "examples")
@@ -22,15 +22,9 @@ def run_example(name: str, *arguments: str, processes: int = 1) -> str:
     env = {**os.environ, "HF_HUB_OFFLINE": "1", "HF_DATASETS_OFFLINE": "1"}
     launcher = [sys.executable]
     if processes > 1:
-        launcher += ["-m", "torch.distributed.run", "--nproc_per_node", str(processes)]
+        launcher += ["-m", "torch.distributed.run", f"--nproc_per_node={processes}", f"--master_port={free_port()}"]
         env.update(CUDA_VISIBLE_DEVICES="", OMP_NUM_THREADS="1")
-    result = subprocess.run(
-        [*launcher, os.path.join(EXAMPLES, name), *arguments],
-        capture_output=True,
-        text=True,
-        timeout=300,
-        env=env,
-    )
+    result = run_processes([*launcher, os.path.join(EXAMPLES, name), *arguments], env, timeout=300)
     assert result.returncode == 0, result.stderr[-3000:]
     return result.stdout
 
