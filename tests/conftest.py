@@ -2,12 +2,14 @@
 
 from __future__ import annotations
 
+import contextlib
 import importlib.util
 import os
-import signal
 import socket
 import subprocess
+import tempfile
 
+import psutil
 import pytest
 import torch
 
@@ -51,17 +53,26 @@ def free_port() -> int:
 
 def run_processes(command: list[str], env: dict[str, str], timeout: float) -> subprocess.CompletedProcess:
     """Run `command` (a launcher and the processes it starts) to its end; past `timeout` seconds every process it
-    started is killed, so no rank is left waiting on its peers, and the test fails with their output."""
-    process = subprocess.Popen(
-        command, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=env, start_new_session=True
-    )
-    try:
-        stdout, stderr = process.communicate(timeout=timeout)
-    except subprocess.TimeoutExpired:
-        os.killpg(process.pid, signal.SIGKILL)
-        stdout, stderr = process.communicate()
-        pytest.fail(f"{command} ran past {timeout} s:\n{stderr[-3000:]}")
-    return subprocess.CompletedProcess(command, process.returncode, stdout, stderr)
+    started is killed, so no rank is left waiting on its peers, and the test fails with their output. Output goes
+    through files, not pipes: torchrun starts each rank in a session of its own, and a rank left running would hold
+    a pipe open."""
+    with tempfile.TemporaryFile("w+") as stdout, tempfile.TemporaryFile("w+") as stderr:
+        process = subprocess.Popen(command, stdout=stdout, stderr=stderr, text=True, env=env)
+        try:
+            process.wait(timeout=timeout)
+            timed_out = False
+        except subprocess.TimeoutExpired:
+            timed_out = True
+            for started in [*psutil.Process(process.pid).children(recursive=True), process]:
+                with contextlib.suppress(psutil.NoSuchProcess, ProcessLookupError):
+                    started.kill()
+            process.wait()
+        stdout.seek(0)
+        stderr.seek(0)
+        result = subprocess.CompletedProcess(command, process.returncode, stdout.read(), stderr.read())
+    if timed_out:
+        pytest.fail(f"{command} ran past {timeout} s:\n{result.stderr[-3000:]}")
+    return result
 
 
 @pytest.fixture(autouse=True)

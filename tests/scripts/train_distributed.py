@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import argparse
 import os
+import sys
 
 import torch
 from datasets import Dataset
@@ -78,9 +79,12 @@ def main() -> None:
     plugins = {name: p.detach().contiguous() for name, p in model.named_parameters() if "variator_" in name}
     save_file(plugins, os.path.join(args.output_dir, f"rank{rank}.safetensors"))
     save_file({"input_ids": first_batch.contiguous()}, os.path.join(args.output_dir, f"batch{rank}.safetensors"))
-    # Both ranks leave the process group together: a rank exiting while the other still tears down gloo can abort.
-    trainer.accelerator.wait_for_everyone()
-    trainer.accelerator.end_training()
+    # Done: leave without tearing down gloo. Its teardown at interpreter exit can deadlock (seen here: the destructor
+    # of the process group, run by DDP's reducer, joins gloo's worker thread while holding the GIL, and that thread
+    # waits for the GIL to free its last work's tensors) or abort when the other rank has already gone.
+    sys.stdout.flush()
+    sys.stderr.flush()
+    os._exit(0)
 
 
 if __name__ == "__main__":
