@@ -374,6 +374,14 @@ def test_layers_to_transform_applies_to_suffix_targets_in_a_layer_list_at_the_ro
     assert list(wrapped(model)) == ["base_model.model.layers.1.mlp"]
 
 
+def left_padded_prompts() -> tuple[torch.Tensor, torch.Tensor]:
+    """Two prompts of 11 token ids; the first is left-padded, its real tokens are its last 7."""
+    ids = torch.randint(3, 100, (2, 11))
+    mask = torch.ones_like(ids)
+    mask[0, :4] = 0
+    return ids, mask
+
+
 # Model types outside the table, each FFN a different shape: BERT-style halves nested in `intermediate` / `output`
 # (CamemBERT, DeBERTa-v2, ESM), gate and up projections fused into one Linear (Phi-3), an FFN whose forward adds the
 # residual it is given (BLOOM).
@@ -429,23 +437,30 @@ GEMMA_PER_LAYER_INPUTS = {
 
 @pytest.mark.parametrize("model_type", sorted(GEMMA_PER_LAYER_INPUTS))
 def test_only_the_ffn_is_found_beside_low_rank_blocks_and_per_token_gates(model_type):
-    config = AutoConfig.for_model(model_type, **GEMMA_PER_LAYER_INPUTS[model_type])
-    base = AutoModelForCausalLM.from_config(config).eval()
-    ids = torch.randint(3, 100, (2, 11))
-    mask = torch.ones_like(ids)
-    mask[0, :4] = 0
+    base = AutoModelForCausalLM.from_config(AutoConfig.for_model(model_type, **GEMMA_PER_LAYER_INPUTS[model_type]))
+    assert_compresses_only(base.eval(), [f"model.layers.{i}.mlp" for i in range(LAYERS)])
+
+
+def assert_compresses_only(base: torch.nn.Module, targets: list[str]) -> None:
+    """Variator on the causal LM `base` wraps exactly `targets` (whole FFNs); left padding does not change real
+    tokens' logits; `disable_adapter()` gives the base model's logits and greedy tokens."""
+    ids, mask = left_padded_prompts()
     with torch.no_grad():
         reference = base(input_ids=ids, attention_mask=mask).logits
+        reference_tokens = base.generate(input_ids=ids, attention_mask=mask, max_new_tokens=4, do_sample=False)
     model = variator(base, ratio=3)
-    assert wrapped(model) == {f"base_model.model.model.layers.{i}.mlp": VariatorFFN for i in range(LAYERS)}
+    assert wrapped(model) == {f"base_model.model.{target}": VariatorFFN for target in targets}
     with torch.no_grad():
         padded = model(input_ids=ids, attention_mask=mask).logits
         alone = model(input_ids=ids[:1, 4:]).logits
         with model.disable_adapter():
             uncompressed = model(input_ids=ids, attention_mask=mask).logits
+            uncompressed_tokens = model.generate(input_ids=ids, attention_mask=mask, max_new_tokens=4, do_sample=False)
+        tokens = model.generate(input_ids=ids, attention_mask=mask, max_new_tokens=4, do_sample=False)
     torch.testing.assert_close(padded[0, 4:], alone[0], rtol=0, atol=1e-5)
     assert not torch.allclose(padded, reference)
     torch.testing.assert_close(uncompressed, reference)
+    assert torch.equal(uncompressed_tokens, reference_tokens) and tokens.shape == reference_tokens.shape
 
 
 # Mixture-of-experts blocks, whose routed experts transformers stacks into 3-D weights: Mixtral (router + experts),
@@ -481,27 +496,8 @@ def mixture_of_experts(model_type: str):
 
 @pytest.mark.parametrize("model_type", sorted(MIXTURES_OF_EXPERTS))
 def test_mixture_of_experts_blocks_are_compressed_whole_and_left_padding_does_not_change_real_tokens(model_type):
-    base = mixture_of_experts(model_type)
-    ids = torch.randint(3, 100, (2, 11))
-    mask = torch.ones_like(ids)
-    mask[0, :4] = 0
-    with torch.no_grad():
-        reference = base(input_ids=ids, attention_mask=mask).logits
-        reference_tokens = base.generate(input_ids=ids, attention_mask=mask, max_new_tokens=4, do_sample=False)
-    model = variator(base, ratio=3)
     block = EXPERT_BLOCKS.get(model_type, "model.layers.{}.mlp")
-    assert wrapped(model) == {f"base_model.model.{block.format(i)}": VariatorFFN for i in range(LAYERS)}
-    with torch.no_grad():
-        padded = model(input_ids=ids, attention_mask=mask).logits
-        alone = model(input_ids=ids[:1, 4:]).logits
-        with model.disable_adapter():
-            uncompressed = model(input_ids=ids, attention_mask=mask).logits
-            uncompressed_tokens = model.generate(input_ids=ids, attention_mask=mask, max_new_tokens=4, do_sample=False)
-        tokens = model.generate(input_ids=ids, attention_mask=mask, max_new_tokens=4, do_sample=False)
-    torch.testing.assert_close(padded[0, 4:], alone[0], rtol=0, atol=1e-5)
-    assert not torch.allclose(padded, reference)
-    torch.testing.assert_close(uncompressed, reference)
-    assert torch.equal(uncompressed_tokens, reference_tokens) and tokens.shape == reference_tokens.shape
+    assert_compresses_only(mixture_of_experts(model_type), [block.format(i) for i in range(LAYERS)])
 
 
 @pytest.mark.parametrize("model_type", sorted(MIXTURES_OF_EXPERTS))
@@ -510,9 +506,7 @@ def test_router_logits_come_per_token_so_the_load_balancing_loss_runs_on_padded_
     gets its group's router logits, so they have the base model's shape and a real token's do not depend on
     padding."""
     base = mixture_of_experts(model_type)
-    ids = torch.randint(3, 100, (2, 11))
-    mask = torch.ones_like(ids)
-    mask[0, :4] = 0
+    ids, mask = left_padded_prompts()
     with torch.no_grad():
         reference = base(input_ids=ids, attention_mask=mask, output_router_logits=True).router_logits
         model = variator(base, ratio=3)
