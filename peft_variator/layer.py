@@ -341,6 +341,12 @@ class VariatorFFNOutput(VariatorLayer):
 
 def offloading_hook(module: nn.Module) -> Any:
     """accelerate's hook that keeps `module`'s weights offloaded between its forwards, or None. Also found among the
-    hooks of a `SequentialHook` (what accelerate makes of a hook added with `append=True` next to it)."""
-    hook = getattr(module, "_hf_hook", None)
-    return next((inner for inner in getattr(hook, "hooks", (hook,)) if getattr(inner, "offload", False)), None)
+    hooks of a `SequentialHook`, however deep: accelerate nests one more each time a hook is added with
+    `append=True`."""
+    hooks = [getattr(module, "_hf_hook", None)]
+    while hooks:
+        hook = hooks.pop(0)
+        if getattr(hook, "offload", False):
+            return hook
+        hooks.extend(getattr(hook, "hooks", ()))
+    return None

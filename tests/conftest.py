@@ -52,8 +52,9 @@ def free_port() -> int:
 
 
 def run_processes(command: list[str], env: dict[str, str], timeout: float) -> subprocess.CompletedProcess:
-    """Run `command` (a launcher and the processes it starts) to its end; past `timeout` seconds every process it
-    started is killed, so no rank is left waiting on its peers, and the test fails with their output. Output goes
+    """Run `command` (a launcher and the processes it starts) to its end. The test fails, with the start and the end of
+    their error output, if it exits with an error or runs past `timeout` seconds; then every process it started is
+    killed, so no rank is left waiting on its peers. Output goes
     through files, not pipes: torchrun starts each rank in a session of its own, and a rank left running would hold
     a pipe open."""
     with tempfile.TemporaryFile("w+") as stdout, tempfile.TemporaryFile("w+") as stderr:
@@ -70,8 +71,10 @@ def run_processes(command: list[str], env: dict[str, str], timeout: float) -> su
         stdout.seek(0)
         stderr.seek(0)
         result = subprocess.CompletedProcess(command, process.returncode, stdout.read(), stderr.read())
-    if timed_out:
-        pytest.fail(f"{command} ran past {timeout} s:\n{result.stderr[-3000:]}")
+    if timed_out or result.returncode != 0:
+        # The first error is the cause; other ranks' errors and the launcher's report follow it.
+        what = f"ran past {timeout} s" if timed_out else f"exited with {result.returncode}"
+        pytest.fail(f"{command} {what}:\n{result.stderr[:3000]}\n[...]\n{result.stderr[-2000:]}")
     return result
 
 

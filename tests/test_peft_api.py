@@ -853,7 +853,9 @@ def test_layers_offloaded_by_a_device_map_run_their_plugins(architecture, more_h
     if more_hooks:
         for module in base.modules():
             if getattr(getattr(module, "_hf_hook", None), "offload", False):
-                add_hook_to_module(module, ModelHook(), append=True)  # makes a SequentialHook of both
+                # A SequentialHook of both, then one holding that SequentialHook and the third hook.
+                add_hook_to_module(module, ModelHook(), append=True)
+                add_hook_to_module(module, ModelHook(), append=True)
     torch.testing.assert_close(hidden(model, batch), expected)
 
 
