@@ -215,14 +215,16 @@ class PaddingContext:
     def plugin_of(self, layer: nn.Module, active: str | None) -> str | None:
         """The adapter whose plugin `layer` runs (None: none): `active`, the one active now, except when gradient
         checkpointing recomputes the layer during backward, which runs the one its forward ran, whatever was activated
-        since (`VariatorTrainer`'s students each run another adapter before one backward of their summed losses)."""
-        if not _in_backward():
-            call = self.current_call()
-            if call.checkpointing and layer.training:
-                call.plugins[layer] = active
-            return active
+        since (`VariatorTrainer`'s students each run another adapter before one backward of their summed losses).
+        Known inside blocks run through `_ReplayingCheckpoint`, which the forward notes and the recompute reads; other
+        checkpointing is checked by `call_of`."""
         replaying = getattr(self._local, "replaying", None)
-        return active if replaying is None else replaying.plugins.get(layer, active)
+        if replaying is None:
+            return active
+        if not _in_backward():
+            replaying.plugins[layer] = active
+            return active
+        return replaying.plugins.get(layer, active)
 
     @torch.compiler.disable
     def call_of(self, layer: nn.Module, hidden: torch.Tensor, adapter: str | None = None) -> _Recorded:
@@ -450,14 +452,11 @@ def _fingerprint(hidden: torch.Tensor) -> torch.Tensor:
     return (hidden.detach().reshape(-1, hidden.shape[-1]) @ direction).float()
 
 
-def is_checkpointing(
-    owner: Any, flags: tuple[str, str] = ("is_activation_checkpointing", "is_gradient_checkpointing")
-) -> bool:
-    """A model's (or `TrainingArguments`') checkpointing flag: transformers 5 renamed it (the old name warns), and
-    earlier 5.x releases have only the old one."""
-    new, old = flags
-    flag = getattr(owner, new, None)
-    return bool(getattr(owner, old, False) if flag is None else flag)
+def is_checkpointing(model: nn.Module) -> bool:
+    """A model's checkpointing flag: transformers 5 renamed it (the old name warns), and earlier 5.x releases have only
+    the old one."""
+    flag = getattr(model, "is_activation_checkpointing", None)
+    return bool(getattr(model, "is_gradient_checkpointing", False) if flag is None else flag)
 
 
 def _described(mask: Any) -> str:

@@ -54,9 +54,8 @@ def free_port() -> int:
 def run_processes(command: list[str], env: dict[str, str], timeout: float) -> subprocess.CompletedProcess:
     """Run `command` (a launcher and the processes it starts) to its end. The test fails, with the start and the end of
     their error output, if it exits with an error or runs past `timeout` seconds; then every process it started is
-    killed, so no rank is left waiting on its peers. Output goes
-    through files, not pipes: torchrun starts each rank in a session of its own, and a rank left running would hold
-    a pipe open."""
+    killed, so no rank is left waiting on its peers. Output goes through files, not pipes: torchrun starts each rank
+    in a session of its own, and a rank left running would hold a pipe open."""
     with tempfile.TemporaryFile("w+") as stdout, tempfile.TemporaryFile("w+") as stderr:
         process = subprocess.Popen(command, stdout=stdout, stderr=stderr, text=True, env=env)
         try:
@@ -92,11 +91,17 @@ def randomize_plugins(model: torch.nn.Module, std: float = 0.05) -> None:
                 parameter.normal_(0.0, std)
 
 
+@pytest.fixture
+def checkpointing_by_other_means(monkeypatch) -> None:
+    """Models checkpoint as if by means Variator cannot see (a few call `torch.utils.checkpoint` directly): their
+    checkpointing function is not wrapped, and each layer recognises the call it recomputes by its input."""
+    monkeypatch.setattr(padding, "_replay_checkpoints", lambda model, context: None)
+
+
 @pytest.fixture(params=["transformers", "direct"])
-def checkpointing_means(request, monkeypatch) -> str:
+def checkpointing_means(request) -> str:
     """How the model checkpoints its layers: through transformers' checkpointing function, which Variator wraps so a
-    recompute runs in the call it repeats, or by other means it cannot see (a few models call
-    `torch.utils.checkpoint` directly), where each layer recognises its call by its input."""
+    recompute runs in the call it repeats, or by other means (`checkpointing_by_other_means`)."""
     if request.param == "direct":
-        monkeypatch.setattr(padding, "_replay_checkpoints", lambda model, context: None)
+        request.getfixturevalue("checkpointing_by_other_means")
     return request.param

@@ -20,7 +20,7 @@ from peft import (
 from safetensors.torch import load_file
 from transformers import AutoModelForCausalLM, AutoModelForSequenceClassification, BertConfig, BertModel, LlamaConfig
 
-from peft_variator import VariatorConfig, padding
+from peft_variator import VariatorConfig
 from peft_variator.layer import VariatorLayer
 
 
@@ -630,13 +630,13 @@ def test_gradient_checkpointing_after_forwards_with_several_adapters_gives_the_g
         ([None, "ratio4"], "forward ran adapter 'ratio4' or no adapter, but it would now run adapter 'ratio4'"),
     ],
 )
+@pytest.mark.usefixtures("checkpointing_by_other_means")
 def test_a_recompute_that_cannot_switch_back_to_its_forwards_adapter_raises_instead_of_guessing(
-    monkeypatch, adapters, message, use_reentrant
+    adapters, message, use_reentrant
 ):
     # A model that checkpoints by other means than transformers' function: layers recognise their call by input, but
     # cannot tell apart forwards of the same batch with two adapters (or none), nor run another adapter than the
     # active one.
-    monkeypatch.setattr(padding, "_replay_checkpoints", lambda model, context: None)
     model = several_adapters("llama")
     enable_checkpointing(model, use_reentrant)
     loss = forwards_with_adapters(model, inputs(), adapters)
@@ -644,9 +644,9 @@ def test_a_recompute_that_cannot_switch_back_to_its_forwards_adapter_raises_inst
         loss.backward()
 
 
-def test_checkpointing_by_other_means_runs_each_adapter_whose_backward_ran_before_the_next(monkeypatch):
+@pytest.mark.usefixtures("checkpointing_by_other_means")
+def test_checkpointing_by_other_means_runs_each_adapter_whose_backward_ran_before_the_next():
     # The forwards of an earlier step, already recomputed, do not make a later recompute ambiguous.
-    monkeypatch.setattr(padding, "_replay_checkpoints", lambda model, context: None)
     batch = inputs()
 
     def plugin_gradients(checkpointing: bool) -> dict[str, torch.Tensor]:
@@ -730,8 +730,8 @@ def test_gradient_checkpointing_after_many_forwards_gives_the_gradients_of_runni
     assert_checkpointing_changes_no_gradient(plugin_gradients)
 
 
-def test_checkpointing_by_other_means_after_more_forwards_than_remembered_raises_instead_of_guessing(monkeypatch):
-    monkeypatch.setattr(padding, "_replay_checkpoints", lambda model, context: None)
+@pytest.mark.usefixtures("checkpointing_by_other_means")
+def test_checkpointing_by_other_means_after_more_forwards_than_remembered_raises_instead_of_guessing():
     model = checkpointed_llama()
     loss = sum(model(**batch).logits.logsumexp(-1).sum() for batch in differently_padded_batches(17))
     with pytest.raises(RuntimeError, match="not among the last 16 calls"):
